@@ -1,0 +1,278 @@
+"""The ECG backbone NN_default (conv encoder -> causal transformer -> two heads) and its checkpoints.
+
+Parameter and buffer names match the published CODE-15 checkpoints key for key (SPEC §3), so a
+published file loads by name; the LoRA adapters sit beside the weights they update.
+"""
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import InputMajorLinear, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKV
+
+log = logging.getLogger(__name__)
+
+CONFIGS = {"tinylight": (14, 64), "tiny": (23, 128), "light": (35, 128), "base": (35, 256),
+           "mediumv2": (35, 512), "medium": (47, 512), "large": (47, 768)}  # (num_layers, width)
+
+ENCODER_BLOCKS = 3
+CONVS_PER_BLOCK = 3        # conv1, conv2, conv3 (the shortcut's 1x1)
+LAYERS_PER_TRANSFORMER = 3  # c_attn, fc1, fc2 (c_proj is never adapted)
+CLASSIFIER_LAYERS = 2      # classifier.0 (adapted), classifier.1 (never)
+KERNEL = 9
+STRIDE = 4                 # per encoder block: 6144 samples -> 96 tokens
+NUM_HEADS = 16
+NUM_TOKENS = 96            # size of the stored causal mask
+MAX_POSITIONS = 200        # rows of the positional-encoding table
+DOWNSAMPLE = STRIDE ** ENCODER_BLOCKS
+
+
+class EncoderBlock(nn.Module):
+    """Strided residual conv block: (conv1 -> BN -> leaky_relu -> conv2 -> BN -> leaky_relu) + 1x1(avgpool(x))."""
+
+    def __init__(self, in_channels, width, ranks):
+        super().__init__()
+        self.conv1 = LoRAConv2d(in_channels, width, (1, KERNEL), r=ranks[0], stride=(1, STRIDE), padding=(0, KERNEL // 2))
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = LoRAConv2d(width, width, (1, KERNEL), r=ranks[1], padding=(0, KERNEL // 2))
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut_pool = nn.AvgPool2d((1, STRIDE))
+        self.conv3 = LoRAConv2d(in_channels, width, (1, 1), r=ranks[2])
+
+    def forward(self, x):
+        main = F.leaky_relu(self.bn1(self.conv1(x)))
+        main = F.leaky_relu(self.bn2(self.conv2(main)))
+        return main + self.conv3(self.shortcut_pool(x))
+
+
+class PositionalEncoding(nn.Module):
+    """Fixed sinusoidal table (1, MAX_POSITIONS, width), a buffer so it travels with the checkpoint."""
+
+    def __init__(self, width):
+        super().__init__()
+        position = torch.arange(MAX_POSITIONS, dtype=torch.float32).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+        table = torch.zeros(MAX_POSITIONS, width)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency)
+        self.register_buffer("positional_encoding", table.unsqueeze(0))
+
+    def forward(self, x):
+        return x + self.positional_encoding[:, :x.shape[1]]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with a fused q/k/v projection stored input-major."""
+
+    def __init__(self, width, r):
+        super().__init__()
+        self.num_heads = NUM_HEADS
+        self.c_attn = LoRAQKV(width, r)
+        self.c_proj = InputMajorLinear(width, width)
+        self.register_buffer("bias", torch.tril(torch.ones(NUM_TOKENS, NUM_TOKENS)).view(1, 1, NUM_TOKENS, NUM_TOKENS))
+
+    def forward(self, x, fused):
+        batch, tokens, width = x.shape
+        q, k, v = self.c_attn(x).split(width, dim=2)
+        q, k, v = (t.view(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        if fused:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            scores = scores.masked_fill(self.bias[:, :, :tokens, :tokens] == 0, float("-inf"))
+            y = F.softmax(scores, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + attn(LN(x)); x + fc2(leaky_relu(fc1(LN(x))))."""
+
+    def __init__(self, width, ranks):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.self_attention = CausalSelfAttention(width, ranks[0])
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = LoRALinear(width, 4 * width, r=ranks[1])
+        self.fc2 = LoRALinear(4 * width, width, r=ranks[2])
+
+    def forward(self, x, fused):
+        x = x + self.self_attention(self.norm1(x), fused)
+        return x + self.fc2(F.leaky_relu(self.fc1(self.norm2(x))))
+
+
+class NN_default(nn.Module):
+    """Backbone with a main head and a gating auxiliary head ("any label present").
+
+    rank_list holds one LoRA rank per counted layer, in order: the 9 encoder convs (block by
+    block, conv1, conv2, conv3), then c_attn, fc1, fc2 of each transformer layer, then
+    classifier.0 and classifier.1. classifier.1 is never adapted (its entry is ignored) and
+    auxiliary_classifier.0 takes classifier.0's rank.
+    """
+
+    def __init__(self, nOUT, complexity, inputchannel, num_layers, rank_list, positive_probably=0.1):
+        super().__init__()
+        fixed = ENCODER_BLOCKS * CONVS_PER_BLOCK + CLASSIFIER_LAYERS
+        num_transformer, leftover = divmod(num_layers - fixed, LAYERS_PER_TRANSFORMER)
+        if num_transformer < 0 or leftover:
+            raise ValueError(f"num_layers={num_layers} must be {fixed} + {LAYERS_PER_TRANSFORMER}*k for k >= 0")
+        if len(rank_list) != num_layers:
+            raise ValueError(f"rank_list has {len(rank_list)} entries, expected one per layer ({num_layers})")
+        if complexity % NUM_HEADS or complexity % 2:
+            raise ValueError(f"width {complexity} must be divisible by {NUM_HEADS} heads")
+        ranks = [int(r) for r in rank_list]
+        width = complexity
+        conv_ranks = ranks[:ENCODER_BLOCKS * CONVS_PER_BLOCK]
+        attn_ranks = ranks[ENCODER_BLOCKS * CONVS_PER_BLOCK:-CLASSIFIER_LAYERS]
+        head_rank = ranks[-CLASSIFIER_LAYERS]
+
+        self.inputchannel = inputchannel
+        self.encoder_layers = nn.ModuleList(
+            EncoderBlock(inputchannel if i == 0 else width, width, conv_ranks[CONVS_PER_BLOCK * i:CONVS_PER_BLOCK * (i + 1)])
+            for i in range(ENCODER_BLOCKS))
+        self.position_encoding = PositionalEncoding(width)
+        self.transformer_layers = nn.ModuleList(
+            TransformerLayer(width, attn_ranks[LAYERS_PER_TRANSFORMER * j:LAYERS_PER_TRANSFORMER * (j + 1)])
+            for j in range(num_transformer))
+        self.classifier = nn.Sequential(LoRALinear(width, width, r=head_rank), nn.Linear(width, nOUT))
+        self.auxiliary_classifier = nn.Sequential(LoRALinear(width, width // 2, r=head_rank), nn.LeakyReLU(),
+                                                  nn.Linear(width // 2, 1))
+        self.positive_probably = positive_probably
+        self.fused_attention = True
+
+    def feature_extraction(self, x):
+        """(B, inputchannel, 1, L) -> (B, width): encoder, tokens + positions, transformer, max over tokens."""
+        if x.dim() != 4 or x.shape[1] != self.inputchannel or x.shape[2] != 1:
+            raise ValueError(f"expected input (batch, {self.inputchannel}, 1, samples), got {tuple(x.shape)}")
+        samples = x.shape[-1]
+        if samples % DOWNSAMPLE or not 0 < samples // DOWNSAMPLE <= NUM_TOKENS:
+            raise ValueError(f"samples per lead must be a multiple of {DOWNSAMPLE} up to "
+                             f"{DOWNSAMPLE * NUM_TOKENS}, got {samples}")
+        for block in self.encoder_layers:
+            x = block(x)
+        tokens = self.position_encoding(x.squeeze(2).transpose(1, 2))
+        for layer in self.transformer_layers:
+            tokens = layer(tokens, self.fused_attention)
+        return tokens.max(dim=1).values
+
+    def forward(self, x):
+        features = self.feature_extraction(x)
+        aux = self.auxiliary_classifier(features)
+        main = self.classifier(features)
+        # Same values; gradient reaches the main head only through rows the aux head calls abnormal.
+        gate = (torch.sigmoid(aux) > self.positive_probably).to(main.dtype)
+        main = gate * main + (1 - gate) * main.detach()
+        return aux, main
+
+    def lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoRALayer) and m.r > 0]
+
+    @property
+    def merged(self):
+        return any(layer.merged for layer in self.lora_layers())
+
+    def merge_net(self):
+        """Fold every adapter into its weight (once; calling again changes nothing)."""
+        for layer in self.lora_layers():
+            layer.merge()
+
+
+def build_model(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
+    """NN_default of a named config; r is one rank for every layer or a list of num_layers ranks."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown model config {config!r}; choose from: {', '.join(CONFIGS)}")
+    num_layers, width = CONFIGS[config]
+    rank_list = [r] * num_layers if isinstance(r, int) else list(r)
+    return NN_default(num_class, width, inputchannel, num_layers, rank_list, positive_probably)
+
+
+def is_lora_trainable(name):
+    """SPEC §3 rule for LoRA fine-tuning: adapters, every bias, and the task layer's weight."""
+    return "lora_A" in name or "lora_B" in name or "bias" in name or name == "classifier.1.weight"
+
+
+def mark_only_lora_as_trainable(net):
+    """Set requires_grad by `is_lora_trainable`; returns the number of trainable parameters."""
+    count = 0
+    for name, p in net.named_parameters():
+        p.requires_grad_(is_lora_trainable(name))
+        count += p.numel() if p.requires_grad else 0
+    return count
+
+
+def _is_skipped_on_load(key):
+    """The task layer and the auxiliary head are task-specific: never taken from a backbone file."""
+    return "classifier.1" in key or key.startswith("auxiliary_classifier.")
+
+
+def _is_adapter_key(key):
+    return key.endswith(".lora_A") or key.endswith(".lora_B")
+
+
+def _check_keys(own, given, required, what):
+    """Raise one error listing every missing, unexpected and wrongly shaped key."""
+    missing = sorted(k for k in required if k not in given)
+    unexpected = sorted(k for k in given if k not in own)
+    mismatched = sorted(f"{k}: {tuple(v.shape)} given, {tuple(own[k].shape)} in the model"
+                        for k, v in given.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(title, keys):
+        shown = "".join(f"\n    {k}" for k in keys[:20])
+        more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+        return f"\n  {title} ({len(keys)}):{shown}{more}" if keys else ""
+
+    raise ValueError(f"{what} does not fit this model (another config or rank?):"
+                     + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+                     + listing("shape mismatches", mismatched))
+
+
+def load_pretrained(net, path):
+    """Load a backbone state_dict by key, except classifier.1 and the auxiliary head.
+
+    Adapters absent from the file (a published checkpoint has none) stay at their initialisation;
+    anything else missing, unexpected or of another shape raises a ValueError listing it all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path} (download the published "
+                                f"CODE-15 backbones or run pipeline_pretrain.py)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state_dict")
+    own = net.state_dict()
+    given = {k: v for k, v in state.items() if not _is_skipped_on_load(k)}
+    required = [k for k in own if not _is_skipped_on_load(k) and not _is_adapter_key(k)]
+    _check_keys(own, given, required, f"checkpoint {path}")
+    net.load_state_dict(given, strict=False)
+    log.info("loaded %d tensors from %s", len(given), path)
+
+
+def _adapter_keys(net):
+    """State a LoRA run changes or creates (SPEC §5): adapters, biases, classifier.1.weight, norm
+    layers (with running statistics) — plus the auxiliary head, which is not in the backbone file."""
+    norms = {name for name, m in net.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))}
+    trained = {name for name, _ in net.named_parameters() if is_lora_trainable(name)}
+    return [k for k in net.state_dict()
+            if k in trained or k.rpartition(".")[0] in norms or k.startswith("auxiliary_classifier.")]
+
+
+def adapter_state_dict(net):
+    """Snapshot (detached copies) of the adapter state of an unmerged model."""
+    if net.merged:
+        raise RuntimeError("adapter_state_dict needs an unmerged model: merging moved the adapters into the weights")
+    state = net.state_dict()
+    return {k: state[k].detach().clone() for k in _adapter_keys(net)}
+
+
+def load_adapter_state(net, state):
+    """Load an `adapter_state_dict` into a model of the same config and ranks (checked key by key)."""
+    if net.merged:
+        raise RuntimeError("load_adapter_state needs an unmerged model (call it before merge_net)")
+    own = net.state_dict()
+    keys = _adapter_keys(net)
+    _check_keys({k: own[k] for k in keys}, state, keys, "adapter state")
+    net.load_state_dict(state, strict=False)
