@@ -129,3 +129,77 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.peak_mb = self.read()
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Label facts: the project's own copy of the PhysioNet/CinC Challenge 2021 scored-label table.
+# One row per scored diagnosis, in the table's order: SNOMED CT code, abbreviation, name, and the
+# number of records carrying it in each source (columns in SOURCES order).
+# ---------------------------------------------------------------------------------------------
+SOURCES = ("CPSC", "CPSC_Extra", "StPetersburg", "PTB", "PTB_XL", "Georgia", "Chapman_Shaoxing", "Ningbo")
+
+SCORED_LABELS = (
+    ("164889003", "AF", "atrial fibrillation", (1221, 153, 2, 15, 1514, 570, 1780, 0)),
+    ("164890007", "AFL", "atrial flutter", (0, 54, 0, 1, 73, 186, 445, 7615)),
+    ("6374002", "BBB", "bundle branch block", (0, 0, 1, 20, 0, 116, 0, 385)),
+    ("426627000", "Brady", "bradycardia", (0, 271, 11, 0, 0, 6, 0, 7)),
+    ("733534002", "CLBBB", "complete left bundle branch block", (0, 0, 0, 0, 0, 0, 0, 213)),
+    ("713427006", "CRBBB", "complete right bundle branch block", (0, 113, 0, 0, 542, 28, 0, 1096)),
+    ("270492004", "IAVB", "1st degree av block", (722, 106, 0, 0, 797, 769, 247, 893)),
+    ("713426002", "IRBBB", "incomplete right bundle branch block", (0, 86, 0, 0, 1118, 407, 0, 246)),
+    ("39732003", "LAD", "left axis deviation", (0, 0, 0, 0, 5146, 940, 382, 1163)),
+    ("445118002", "LAnFB", "left anterior fascicular block", (0, 0, 0, 0, 1626, 180, 0, 380)),
+    ("164909002", "LBBB", "left bundle branch block", (236, 38, 0, 0, 536, 231, 205, 35)),
+    ("251146004", "LQRSV", "low qrs voltages", (0, 0, 0, 0, 182, 374, 249, 794)),
+    ("698252002", "NSIVCB", "nonspecific intraventricular conduction disorder", (0, 4, 1, 0, 789, 203, 235, 536)),
+    ("426783006", "NSR", "sinus rhythm", (918, 4, 0, 80, 18092, 1752, 1826, 6299)),
+    ("284470004", "PAC", "premature atrial contraction", (616, 73, 3, 0, 398, 639, 258, 1054)),
+    ("10370003", "PR", "pacing rhythm", (0, 3, 0, 0, 296, 0, 0, 1182)),
+    ("365413008", "PRWP", "poor R wave Progression", (0, 0, 0, 0, 0, 0, 0, 638)),
+    ("427172004", "PVC", "premature ventricular contractions", (0, 188, 0, 0, 0, 0, 0, 1091)),
+    ("164947007", "LPR", "prolonged pr interval", (0, 0, 0, 0, 340, 0, 12, 40)),
+    ("111975006", "LQT", "prolonged qt interval", (0, 4, 0, 0, 118, 1391, 57, 337)),
+    ("164917005", "QAb", "qwave abnormal", (0, 1, 0, 0, 548, 464, 235, 828)),
+    ("47665007", "RAD", "right axis deviation", (0, 1, 0, 0, 343, 83, 215, 638)),
+    ("59118001", "RBBB", "right bundle branch block", (1857, 1, 2, 0, 0, 542, 454, 195)),
+    ("427393009", "SA", "sinus arrhythmia", (0, 11, 2, 0, 772, 455, 0, 2550)),
+    ("426177001", "SB", "sinus bradycardia", (0, 45, 0, 0, 637, 1677, 3889, 12670)),
+    ("427084000", "STach", "sinus tachycardia", (0, 303, 11, 1, 826, 1261, 1568, 5687)),
+    ("63593006", "SVPB", "supraventricular premature beats", (0, 53, 4, 0, 157, 1, 0, 9)),
+    ("164934002", "TAb", "t wave abnormal", (0, 22, 0, 0, 2345, 2306, 1876, 5167)),
+    ("59931005", "TInv", "t wave inversion", (0, 5, 1, 0, 294, 812, 157, 2720)),
+    ("17338001", "VPB", "ventricular premature beats", (0, 8, 0, 0, 0, 357, 294, 0)),
+)
+
+# Which column of the table counts each downstream dataset's records.
+DATASET_SOURCE = {
+    "WFDB_Ga": "Georgia",
+    "WFDB_PTBXL": "PTB_XL",
+    "WFDB_Ningbo": "Ningbo",
+    "WFDB_ChapmanShaoxing": "Chapman_Shaoxing",
+}
+
+# A dataset keeps the codes counted more than this many times in its column.
+MIN_CLASS_COUNT = 200
+
+# The synthetic demo dataset's classes, each drawn from a physiologically distinct generator:
+# sinus rhythm, sinus bradycardia, sinus tachycardia, atrial fibrillation, 1st degree AV block,
+# right and left bundle branch block.
+DEMO_DATASET = "WFDB_Demo"
+DEMO_CLASSES = ("426783006", "426177001", "427084000", "164889003", "270492004", "59118001", "164909002")
+
+LABEL_ABBREVIATION = {code: abbreviation for code, abbreviation, _, _ in SCORED_LABELS}
+LABEL_NAME = {code: name for code, _, name, _ in SCORED_LABELS}
+
+
+def dataset_classes(dataset):
+    """SNOMED codes a dataset is scored on: count > MIN_CLASS_COUNT in its column, in table order.
+
+    Codes are kept literally, so equivalent pairs (59118001 / 713427006, ...) stay separate classes.
+    """
+    if dataset == DEMO_DATASET:
+        return list(DEMO_CLASSES)
+    if dataset not in DATASET_SOURCE:
+        raise KeyError(f"unknown dataset {dataset!r}; known: {', '.join([*DATASET_SOURCE, DEMO_DATASET])}")
+    column = SOURCES.index(DATASET_SOURCE[dataset])
+    return [code for code, _, _, counts in SCORED_LABELS if counts[column] > MIN_CLASS_COUNT]
