@@ -158,7 +158,10 @@ class NN_default(nn.Module):
         return tokens.max(dim=1).values
 
     def forward(self, x):
-        features = self.feature_extraction(x)
+        return self.heads(self.feature_extraction(x))
+
+    def heads(self, features):
+        """(aux, main) from features; split from forward so a step can train the heads on frozen features."""
         aux = self.auxiliary_classifier(features)
         main = self.classifier(features)
         # Same values; gradient reaches the main head only through rows the aux head calls abnormal.
