@@ -1,0 +1,232 @@
+"""Training steps (SPEC §4): H-Tuning (fused ZO/FO), pure ZO (MeZO) and ZO-sign, plain backprop.
+
+H-Tuning estimates the gradient of the LoRA trunk (the "ZO set") from two forward passes over the
+whole batch, L(θ + εz) and L(θ − εz), without building an autograd graph, and backpropagates only
+the first `bp_batch` samples. Per tensor of the ZO set the two estimates are fused:
+
+    g = c · g_fo + (1 − c) · ‖g_fo‖ · g_zo / (‖g_zo‖ + 1e-6),     g_zo = (L+ − L−) / (2ε) · z
+
+so the ZO direction carries the whole batch's information and the FO gradient sets its scale.
+
+The ZO set is handled as one flat buffer: z is drawn once per step into it from a dedicated
+seeded generator (never the global RNG), the parameters are perturbed with `torch._foreach_*`
+ops, and a flat copy taken before the passes restores them bit-exactly afterwards. Both buffers
+are allocated once and reused, so a step allocates nothing per parameter.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COEF_EARLY, COEF_LATE, COEF_SWITCH = 0.99, 0.9, 0.2   # c while current/total < 0.2, then 0.9
+NORM_EPS = 1e-6
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+TRAINERS = ("ho", "zo_opt", "zo_sign_opt", "bp")
+PERTURBATIONS = ("gaussian", "rademacher")
+
+
+def compute_loss(aux, main, labels, aux_weight, soft_targets=None):
+    """BCE on the main head + aux_weight · BCE of the aux head on "any label" (+ BCE to soft targets)."""
+    loss = F.binary_cross_entropy_with_logits(main, labels)
+    any_label = (labels > 0).any(dim=1, keepdim=True).to(aux.dtype)
+    loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux, any_label)
+    if soft_targets is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(main, soft_targets)
+    return loss
+
+
+def mixing_coefficient(current, total):
+    """Weight of the FO gradient: 0.99 for the first 20% of iterations, then 0.9."""
+    return COEF_EARLY if current / max(total, 1) < COEF_SWITCH else COEF_LATE
+
+
+def zo_parameters(model):
+    """The ZO set: trainable parameters outside both heads, in a fixed (named) order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+
+
+@contextlib.contextmanager
+def module_modes(model, phase):
+    """Set SPEC §4's modes for `phase` ("zo" or "fo"), then restore every module's own mode.
+
+    zo: everything in eval mode except the norm layers of the encoder and transformer, which stay
+    in train mode (they normalise by the batch). fo: train mode with BatchNorm in eval mode.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    if phase == "zo":
+        model.eval()
+        for part in (model.encoder_layers, model.transformer_layers):
+            for m in part.modules():
+                if isinstance(m, NORM_LAYERS):
+                    m.train()
+    else:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+class HalfTrainer:
+    """One object per run; `step` dispatches on args.trainer so the training loop has one call.
+
+    args: zo_eps, q, bp_batch, aux_weight, trainer ("ho", "zo_opt", "zo_sign_opt", "bp"),
+    gradient_sparsity (None, a float, or {parameter name: float}), perturbation_mode
+    ("gaussian" or "rademacher"), coef (None for the schedule, or a fixed c), seed.
+    """
+
+    def __init__(self, model, optimizer, lr_scheduler, args):
+        if args.trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {args.trainer!r}; choose from {', '.join(TRAINERS)}")
+        if getattr(args, "perturbation_mode", "gaussian") not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation_mode {args.perturbation_mode!r}; choose from {PERTURBATIONS}")
+        if int(args.q) < 1:
+            raise ValueError(f"q (ZO directions per step) must be >= 1, got {args.q}")
+        self.model, self.optimizer, self.lr_scheduler, self.args = model, optimizer, lr_scheduler, args
+        named = zo_parameters(model)
+        self.zo_names = [n for n, _ in named]
+        self.zo_params = [p for _, p in named]
+        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+        device = self.zo_params[0].device if self.zo_params else torch.device("cpu")
+        sizes = [p.numel() for p in self.zo_params]
+        self._z_flat = torch.empty(sum(sizes), device=device)
+        self._backup_flat = torch.empty_like(self._z_flat)
+        self.z = [v.view_as(p) for v, p in zip(self._z_flat.split(sizes), self.zo_params)]
+        self._backup = [v.view_as(p) for v, p in zip(self._backup_flat.split(sizes), self.zo_params)]
+        self._zo_sum_flat = torch.zeros_like(self._z_flat) if int(args.q) > 1 else None
+        self._seeds = torch.Generator().manual_seed(int(getattr(args, "seed", 0)))
+        self._z_generator = torch.Generator(device=device)
+        self._keep = self._keep_counts(sizes)
+        self.last_seed = None
+        self.last_projected_grad = None
+        self.last_zo_grad = {}
+
+    def _keep_counts(self, sizes):
+        """Entries of z kept per ZO tensor, from args.gradient_sparsity (exact fraction zeroed)."""
+        sparsity = getattr(self.args, "gradient_sparsity", None)
+        if sparsity is None:
+            return None
+        if not isinstance(sparsity, dict):
+            sparsity = {n: float(sparsity) for n in self.zo_names}
+        keep = []
+        for name, size in zip(self.zo_names, sizes):
+            s = float(sparsity.get(name, 0.0))
+            if not 0.0 <= s <= 1.0:
+                raise ValueError(f"gradient_sparsity for {name} must lie in [0, 1], got {s}")
+            keep.append(size - int(round(s * size)))
+        return keep
+
+    # ------------------------------------------------------------------ the shared pieces
+    def _loss(self, inputs, labels, soft_targets=None):
+        aux, main = self.model(inputs)
+        return compute_loss(aux, main, labels, self.args.aux_weight, soft_targets)
+
+    def _draw_z(self):
+        """Fill z for this step from a fresh seed; the sparsity mask is applied once, so every use agrees."""
+        self.last_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        self._z_generator.manual_seed(self.last_seed)
+        self._z_flat.normal_(generator=self._z_generator)
+        if self.args.perturbation_mode == "rademacher":
+            self._z_flat.sign_()
+        if self._keep is not None:
+            for z, keep in zip(self.z, self._keep):
+                flat = z.view(-1)
+                drop = torch.randperm(flat.numel(), generator=self._z_generator, device=flat.device)[keep:]
+                flat[drop] = 0.0
+
+    @torch.no_grad()
+    def _two_point(self, inputs, labels):
+        """(L(θ+εz) − L(θ−εz)) / 2ε for a fresh z; the ZO set is restored bit-exactly."""
+        eps = self.args.zo_eps
+        self._draw_z()
+        torch._foreach_copy_(self._backup, self.zo_params)
+        with module_modes(self.model, "zo"):
+            torch._foreach_add_(self.zo_params, self.z, alpha=eps)
+            loss_plus = self._loss(inputs, labels)
+            torch._foreach_add_(self.zo_params, self.z, alpha=-2 * eps)
+            loss_minus = self._loss(inputs, labels)
+        torch._foreach_copy_(self.zo_params, self._backup)
+        return float((loss_plus - loss_minus) / (2 * eps)), float(loss_plus + loss_minus) / 2
+
+    @torch.no_grad()
+    def _zo_gradient(self, inputs, labels, use_sign):
+        """g_zo for the ZO set, averaged over q directions; returns (tensors, mean projected, loss)."""
+        q = int(self.args.q)
+        if q > 1:
+            self._zo_sum_flat.zero_()
+        projections, losses = [], []
+        for _ in range(q):
+            projected, loss = self._two_point(inputs, labels)
+            scale = float((projected > 0) - (projected < 0)) if use_sign else projected
+            projections.append(projected)
+            losses.append(loss)
+            if q > 1:
+                self._zo_sum_flat.add_(self._z_flat, alpha=scale / q)
+            else:
+                self._z_flat.mul_(scale)
+        grads = self.z if q == 1 else [v.view_as(p) for v, p in zip(
+            self._zo_sum_flat.split([p.numel() for p in self.zo_params]), self.zo_params)]
+        self.last_projected_grad = sum(projections) / q
+        self.last_zo_grad = dict(zip(self.zo_names, grads))
+        return grads, sum(losses) / q
+
+    def _apply(self):
+        self.optimizer.step()
+        self.lr_scheduler.step()
+
+    # ------------------------------------------------------------------ the steps
+    def ho_step(self, inputs, labels, current, total):
+        """H-Tuning: ZO over the whole batch for the trunk, FO over the first bp_batch samples, fused."""
+        g_zo, loss = self._zo_gradient(inputs, labels, use_sign=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        bp = self.args.bp_batch
+        with module_modes(self.model, "fo"):
+            self._loss(inputs[:bp], labels[:bp]).backward()
+        c = self.args.coef if getattr(self.args, "coef", None) is not None else mixing_coefficient(current, total)
+        with torch.no_grad():
+            g_fo = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.zo_params]
+            fo_norms = torch._foreach_norm(g_fo)
+            zo_norms = torch._foreach_norm(g_zo)
+            scales = [(1 - c) * f / (z + NORM_EPS) for f, z in zip(fo_norms, zo_norms)]
+            torch._foreach_mul_(g_fo, c)
+            torch._foreach_addcmul_(g_fo, g_zo, scales)
+            for p, g in zip(self.zo_params, g_fo):
+                p.grad = g
+        self._apply()
+        return loss
+
+    def zo_step(self, inputs, labels):
+        """MeZO (ZO-sign when args.trainer is "zo_sign_opt"): trunk from the two-point estimate,
+        heads from the FO gradient of the full-batch loss on frozen features."""
+        g_zo, loss = self._zo_gradient(inputs, labels, use_sign=self.args.trainer == "zo_sign_opt")
+        self.optimizer.zero_grad(set_to_none=True)
+        with module_modes(self.model, "zo"):
+            with torch.no_grad():
+                features = self.model.feature_extraction(inputs)
+            aux, main = self.model.heads(features)
+            compute_loss(aux, main, labels, self.args.aux_weight).backward()
+        for p, g in zip(self.zo_params, g_zo):
+            p.grad = g
+        self._apply()
+        return loss
+
+    def bp_step(self, inputs, labels, soft_targets=None):
+        """Plain backprop on the full batch (LoRA or full, whatever is trainable); with soft targets, KD."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        loss = self._loss(inputs, labels, soft_targets)
+        loss.backward()
+        self._apply()
+        return float(loss.detach())
+
+    def step(self, inputs, labels, current, total, soft_targets=None):
+        if self.args.trainer == "ho":
+            return self.ho_step(inputs, labels, current, total)
+        if self.args.trainer in ("zo_opt", "zo_sign_opt"):
+            return self.zo_step(inputs, labels)
+        return self.bp_step(inputs, labels, soft_targets)
