@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradient_pruning import drop_random_
+
 COEF_EARLY, COEF_LATE, COEF_SWITCH = 0.99, 0.9, 0.2   # c while current/total < 0.2, then 0.9
 NORM_EPS = 1e-6
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
@@ -92,34 +94,30 @@ class HalfTrainer:
         self.zo_names = [n for n, _ in named]
         self.zo_params = [p for _, p in named]
         self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-        device = self.zo_params[0].device if self.zo_params else torch.device("cpu")
+        if not self.zo_params:
+            raise ValueError("no trainable parameter outside the heads: nothing for the ZO estimate")
+        device, dtype = self.zo_params[0].device, self.zo_params[0].dtype
         sizes = [p.numel() for p in self.zo_params]
-        self._z_flat = torch.empty(sum(sizes), device=device)
+        self._z_flat = torch.empty(sum(sizes), device=device, dtype=dtype)
         self._backup_flat = torch.empty_like(self._z_flat)
         self.z = [v.view_as(p) for v, p in zip(self._z_flat.split(sizes), self.zo_params)]
         self._backup = [v.view_as(p) for v, p in zip(self._backup_flat.split(sizes), self.zo_params)]
         self._zo_sum_flat = torch.zeros_like(self._z_flat) if int(args.q) > 1 else None
         self._seeds = torch.Generator().manual_seed(int(getattr(args, "seed", 0)))
         self._z_generator = torch.Generator(device=device)
-        self._keep = self._keep_counts(sizes)
+        self._sparsity = self._sparsities()
         self.last_seed = None
         self.last_projected_grad = None
         self.last_zo_grad = {}
 
-    def _keep_counts(self, sizes):
-        """Entries of z kept per ZO tensor, from args.gradient_sparsity (exact fraction zeroed)."""
+    def _sparsities(self):
+        """Fraction of z zeroed per ZO tensor, from args.gradient_sparsity (None: dense z)."""
         sparsity = getattr(self.args, "gradient_sparsity", None)
         if sparsity is None:
             return None
         if not isinstance(sparsity, dict):
-            sparsity = {n: float(sparsity) for n in self.zo_names}
-        keep = []
-        for name, size in zip(self.zo_names, sizes):
-            s = float(sparsity.get(name, 0.0))
-            if not 0.0 <= s <= 1.0:
-                raise ValueError(f"gradient_sparsity for {name} must lie in [0, 1], got {s}")
-            keep.append(size - int(round(s * size)))
-        return keep
+            return [float(sparsity)] * len(self.zo_names)
+        return [float(sparsity.get(name, 0.0)) for name in self.zo_names]
 
     # ------------------------------------------------------------------ the shared pieces
     def _loss(self, inputs, labels, soft_targets=None):
@@ -133,11 +131,9 @@ class HalfTrainer:
         self._z_flat.normal_(generator=self._z_generator)
         if self.args.perturbation_mode == "rademacher":
             self._z_flat.sign_()
-        if self._keep is not None:
-            for z, keep in zip(self.z, self._keep):
-                flat = z.view(-1)
-                drop = torch.randperm(flat.numel(), generator=self._z_generator, device=flat.device)[keep:]
-                flat[drop] = 0.0
+        if self._sparsity is not None:
+            for z, sparsity in zip(self.z, self._sparsity):
+                drop_random_(z, sparsity, self._z_generator)
 
     @torch.no_grad()
     def _two_point(self, inputs, labels):
@@ -154,8 +150,11 @@ class HalfTrainer:
         return float((loss_plus - loss_minus) / (2 * eps)), float(loss_plus + loss_minus) / 2
 
     @torch.no_grad()
-    def _zo_gradient(self, inputs, labels, use_sign):
-        """g_zo for the ZO set, averaged over q directions; returns (tensors, mean projected, loss)."""
+    def zo_gradient(self, inputs, labels, use_sign=False):
+        """The ZO passes alone: g_zo for the ZO set (averaged over q directions) and the mean loss.
+
+        Also kept as `last_zo_grad` / `last_projected_grad`; the ZO set is left bit-identical.
+        """
         q = int(self.args.q)
         if q > 1:
             self._zo_sum_flat.zero_()
@@ -182,7 +181,7 @@ class HalfTrainer:
     # ------------------------------------------------------------------ the steps
     def ho_step(self, inputs, labels, current, total):
         """H-Tuning: ZO over the whole batch for the trunk, FO over the first bp_batch samples, fused."""
-        g_zo, loss = self._zo_gradient(inputs, labels, use_sign=False)
+        g_zo, loss = self.zo_gradient(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
         bp = self.args.bp_batch
         with module_modes(self.model, "fo"):
@@ -203,7 +202,7 @@ class HalfTrainer:
     def zo_step(self, inputs, labels):
         """MeZO (ZO-sign when args.trainer is "zo_sign_opt"): trunk from the two-point estimate,
         heads from the FO gradient of the full-batch loss on frozen features."""
-        g_zo, loss = self._zo_gradient(inputs, labels, use_sign=self.args.trainer == "zo_sign_opt")
+        g_zo, loss = self.zo_gradient(inputs, labels, use_sign=self.args.trainer == "zo_sign_opt")
         self.optimizer.zero_grad(set_to_none=True)
         with module_modes(self.model, "zo"):
             with torch.no_grad():
