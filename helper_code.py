@@ -4,6 +4,7 @@ Every script in the repository imports these from here; nothing here knows about
 the label facts further down.
 """
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -55,10 +56,32 @@ def atomic_path(final_path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, final_path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _release_freed_heap():
+    """Hand freed heap pages back to the OS (glibc), so a block's resident peak is its own.
+
+    Without it, memory an earlier block freed stays mapped and a later block can grow into it
+    without raising the high-water mark. Does nothing where glibc is absent.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _proc_status_kb(field):
@@ -113,6 +136,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_freed_heap()
             _reset_peak_rss()
             self._base = _current_rss_kb() * 1024
         return self
