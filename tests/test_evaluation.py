@@ -1,0 +1,126 @@
+"""SPEC §6 metrics against sklearn and hand-computed values, including degenerate classes."""
+import numpy as np
+import pytest
+from sklearn import metrics
+
+import evaluation
+
+
+def random_case(n=400, c=6, seed=0, decimals=2):
+    """Correlated scores rounded so ties occur; every class has positives and negatives."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, c)) < rng.uniform(0.1, 0.5, c)).astype(float)
+    labels[0], labels[1] = 1, 0
+    scores = np.round(np.clip(rng.normal(0.4 + 0.3 * labels, 0.2), 0, 1), decimals)
+    return labels, scores
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 6])
+def test_threshold_free_metrics_equal_sklearn(decimals):
+    labels, scores = random_case(decimals=decimals)
+    result = evaluation.evaluate(labels, scores)
+    auc = [metrics.roc_auc_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])]
+    ap = [metrics.average_precision_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])]
+    np.testing.assert_allclose(result["auc_roc_per_class"], auc, atol=1e-12)
+    np.testing.assert_allclose(result["auc_roc_macro"], metrics.roc_auc_score(labels, scores, average="macro"), atol=1e-12)
+    np.testing.assert_allclose(result["ap_per_class"], 100 * np.array(ap), atol=1e-10)
+    np.testing.assert_allclose(result["Map_value"], 100 * np.mean(ap), atol=1e-10)
+    assert result["ranking_loss"] == pytest.approx(metrics.label_ranking_loss(labels, scores), abs=1e-12)
+    assert result["coverage_error"] == pytest.approx(metrics.coverage_error(labels, scores), abs=1e-12)
+
+
+def test_thresholded_metrics_equal_sklearn():
+    labels, scores = random_case(seed=1)
+    thresholds = np.linspace(0.3, 0.7, labels.shape[1])
+    result = evaluation.evaluate(labels, scores, thresholds)
+    predictions = scores >= thresholds
+    assert result["hamming_loss"] == pytest.approx(metrics.hamming_loss(labels, predictions))
+    assert result["subset_accuracy"] == pytest.approx(metrics.accuracy_score(labels, predictions))
+    fbeta = metrics.fbeta_score(labels, predictions, beta=2, average=None, zero_division=1.0)
+    f1 = metrics.f1_score(labels, predictions, average=None, zero_division=1.0)
+    np.testing.assert_allclose(result["Fbeta_per_class"], fbeta, atol=1e-12)
+    assert result["F1score_b"] == pytest.approx(fbeta.mean())
+    assert result["F1score"] == pytest.approx(f1.mean())
+
+
+def test_hand_computed_small_case():
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    scores = np.array([[0.9, 0.2], [0.8, 0.6], [0.3, 0.6], [0.1, 0.7]])
+    result = evaluation.evaluate(labels, scores, thresholds=np.array([0.5, 0.5]))
+    # class 0: order 0.9(+) 0.8(-) 0.3(+) 0.1(-): AP = (1/1 + 2/3)/2; AUC = 3 of 4 pairs
+    # class 1: order 0.7(-) {0.6(+), 0.6(+)} 0.2(-): AP = 2/3 (tied pair shares precision at 3);
+    #          AUC = each positive beats one negative, ties none: 2/4
+    np.testing.assert_allclose(result["ap_per_class"], [100 * (1 + 2 / 3) / 2, 100 * 2 / 3])
+    np.testing.assert_allclose(result["auc_roc_per_class"], [0.75, 0.5])
+    # predictions: class 0 -> rows 0,1: TP 1 FP 1 FN 1; class 1 -> rows 1,2,3: TP 2 FP 1 FN 0
+    f0, f1 = 5 * 1 / (5 * 1 + 1 + 4 * 1), 5 * 2 / (5 * 2 + 1 + 0)
+    g0, g1 = 1 / (1 + 1 + 2 * 1), 2 / (2 + 1 + 0)
+    np.testing.assert_allclose(result["Fbeta_per_class"], [f0, f1])
+    np.testing.assert_allclose(result["Gbeta_per_class"], [g0, g1])
+    assert result["Gbeta_score"] == pytest.approx((g0 + g1) / 2)
+    assert result["hamming_loss"] == pytest.approx(3 / 8)     # row0 ok, row1 FP0, row2 FN0, row3 FP1
+    assert result["subset_accuracy"] == pytest.approx(1 / 4)
+    # ranking: row1 (pos 1 at 0.6 vs neg 0 at 0.8) wrong; row2 (pos 0.3 vs pos 0.6, no negatives) 0
+    assert result["ranking_loss"] == pytest.approx(1 / 4)
+    # coverage: row0 1, row1 2, row2 2, row3 0 (no positives)
+    assert result["coverage_error"] == pytest.approx(5 / 4)
+
+
+def test_map_is_mean_precision_at_positive_ranks_without_ties():
+    rng = np.random.default_rng(3)
+    labels = (rng.random((50, 3)) < 0.3).astype(int)
+    labels[0] = 1
+    scores = rng.random((50, 3))
+    expected = []
+    for k in range(3):
+        order = np.argsort(-scores[:, k])
+        hits = labels[order, k]
+        expected.append(np.mean([hits[:i + 1].mean() for i in np.flatnonzero(hits)]))
+    assert evaluation.evaluate(labels, scores)["Map_value"] == pytest.approx(100 * np.mean(expected))
+
+
+def test_degenerate_classes_have_defined_output():
+    labels, scores = random_case(n=60, c=4, seed=4)
+    labels[:, 1] = 0   # no positives
+    labels[:, 2] = 1   # no negatives
+    result = evaluation.evaluate(labels, scores, evaluation.find_thresholds(labels, scores))
+    assert np.isnan(result["auc_roc_per_class"][[1, 2]]).all()
+    assert np.isnan(result["ap_per_class"][1]) and np.isfinite(result["ap_per_class"][2])
+    assert result["auc_roc_macro"] == pytest.approx(np.mean(result["auc_roc_per_class"][[0, 3]]))
+    assert result["Map_value"] == pytest.approx(np.mean(result["ap_per_class"][[0, 2, 3]]))
+    # no positives: the threshold predicts none here, which scores F-beta 1 (nothing to find)
+    assert not (scores[:, 1] >= result["thresholds"][1]).any()
+    assert result["Fbeta_per_class"][1] == 1.0 and result["Gbeta_per_class"][1] == 1.0
+    for key in ("F1score_b", "Gbeta_score", "F1score", "ranking_loss", "coverage_error", "hamming_loss"):
+        assert np.isfinite(result[key]), key
+    empty = evaluation.evaluate(np.zeros((5, 2)), np.full((5, 2), 0.5))
+    assert np.isnan(empty["auc_roc_macro"]) and np.isnan(empty["Map_value"])
+
+
+def test_thresholds_maximise_fbeta_over_every_candidate():
+    labels, scores = random_case(n=120, c=5, seed=5)
+    thresholds = evaluation.find_thresholds(labels, scores)
+    for k in range(labels.shape[1]):
+        candidates = np.unique(scores[:, k])
+        best = max(metrics.fbeta_score(labels[:, k], scores[:, k] >= t, beta=2) for t in candidates)
+        found = metrics.fbeta_score(labels[:, k], scores[:, k] >= thresholds[k], beta=2)
+        assert found == pytest.approx(best, abs=1e-12)
+        assert thresholds[k] in candidates
+        # ties go to the highest threshold reaching the best F-beta
+        better_or_equal = [t for t in candidates
+                           if metrics.fbeta_score(labels[:, k], scores[:, k] >= t, beta=2) >= best - 1e-12]
+        assert thresholds[k] == max(better_or_equal)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    labels, scores = random_case(n=10, c=3)
+    with pytest.raises(ValueError, match="samples, classes"):
+        evaluation.evaluate(labels, scores[:, :2])
+    bad = scores.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluation.evaluate(labels, bad)
+    with pytest.raises(ValueError, match="probabilities"):
+        evaluation.evaluate(labels, scores * 3 - 1)
+    with pytest.raises(ValueError, match="one entry per class"):
+        evaluation.evaluate(labels, scores, thresholds=[0.5])

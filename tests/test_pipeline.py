@@ -1,0 +1,197 @@
+"""Pipelines end to end on tiny demo data: every main.py mode, the resumable search, distributed
+pretraining, and the messages a researcher gets for missing data or checkpoints."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import pipeline_ecg
+from datacollection import load_experiment_datasets
+from model_src_ecg import build_model
+from pipeline_pretrain import pretrain
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "tinylight"          # teacher and student alike: seconds per run
+FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "1",
+        "--interval", "2", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_demo, tmp_path_factory):
+    """A tinylight backbone pretrained for one epoch on the tiny demo's CODE-15 part."""
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
+    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], CONFIG,
+             pipeline_ecg.pretrained_path(checkpoint_dir, pipeline_ecg.PRETRAIN, CONFIG),
+             epochs=1, batch_size=16, device=torch.device("cpu"))
+    return checkpoint_dir
+
+
+def run_main(tiny_demo, checkpoint_dir, result_dir, *flags):
+    argv = [*FAST, "--finetune_dataset", "WFDB_Demo", "--preprocessed_dir", str(tiny_demo["challenge_h5"].parent),
+            "--checkpoint_dir", str(checkpoint_dir), "--result_dir", str(result_dir), "--device", "cpu", *flags]
+    return main.main(argv)
+
+
+@pytest.mark.parametrize("mode, tuning", [("evolution", "H-Tuning"), ("FT", "FT"), ("purebp", "bp"),
+                                          ("zo", "zo"), ("zo_sign", "zo_sign")])
+def test_each_mode_runs_end_to_end(mode, tuning, tiny_demo, backbones, tmp_path, capsys):
+    results = run_main(tiny_demo, backbones, tmp_path, "--zo_config", mode)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == 1 and files[0].with_suffix(".json").is_file()
+    saved = list(np.load(files[0], allow_pickle=True))
+    assert len(saved) == len(results) == 1
+    student, teacher = saved[0], saved[0]["teacher"]
+    assert teacher["tuning"] == tuning and student["role"] == "student" and teacher["role"] == "teacher"
+    for result in (student, teacher):
+        assert 0.0 <= result["auc_roc_macro"] <= 1.0 and 0.0 <= result["Map_value"] <= 100.0
+        assert result["trainable_num"] > 0 and result["memory"] >= 0 and result["time"] > 0
+        assert len(result["auc_roc_per_class"]) == len(result["thresholds"]) == 7
+    full = sum(p.numel() for p in build_model(CONFIG, 7).parameters())
+    assert student["trainable_num"] == full
+    assert (teacher["trainable_num"] == full) == (mode == "FT")
+    reloaded = json.loads(files[0].with_suffix(".json").read_text())
+    assert reloaded[0]["teacher"]["auc_roc_macro"] == pytest.approx(teacher["auc_roc_macro"])
+    table = capsys.readouterr().out
+    assert "WFDB_Demo" in table and "teacher" in table and "student" in table and "macro AUROC" in table
+
+
+def test_runs_never_overwrite_and_reduced_leads_without_teacher(tiny_demo, backbones, tmp_path):
+    run_main(tiny_demo, backbones, tmp_path)
+    first = sorted(tmp_path.glob("*.npy"))
+    before = first[0].read_bytes()
+    results = run_main(tiny_demo, backbones, tmp_path, "--leads_for_student", "1", "--no-distill")
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == 2 and first[0].read_bytes() == before
+    assert results[0]["leads"] == 1 and results[0]["teacher"]["leads"] == 12
+
+
+def test_search_resumes_after_interruption(tiny_demo, backbones, tmp_path, monkeypatch):
+    grid = ["--zo_config", "search", "--search_zo_eps", "1e-3", "5e-4", "--search_bp_batch", "4", "--search_r", "4"]
+    real_finetune, calls = main.finetune, []
+
+    def interrupted_on_second_point(*args, **kwargs):
+        calls.append(args[2].zo_eps)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(main, "finetune", interrupted_on_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tiny_demo, backbones, tmp_path, *grid)
+    (path,) = tmp_path.glob("search_*.npy")
+    first = list(np.load(path, allow_pickle=True))
+    assert [e["zo_eps"] for e in first] == [1e-3]
+
+    calls.clear()
+    monkeypatch.setattr(main, "finetune", lambda *a, **k: (calls.append(a[2].zo_eps), real_finetune(*a, **k))[1])
+    results = run_main(tiny_demo, backbones, tmp_path, *grid)
+    assert calls == [5e-4]                     # the finished point is not redone
+    assert [e["zo_eps"] for e in results] == [1e-3, 5e-4]
+    assert results[0]["auc_roc_macro"] == first[0]["auc_roc_macro"]
+    assert len(json.loads(path.with_suffix(".json").read_text())) == 2
+
+
+def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
+    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
+                                 seed=5, checkpoint_dir=backbones, run_name=f"det{os.getpid()}")
+    first, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
+    second, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
+    np.testing.assert_array_equal(first["ap_per_class"], second["ap_per_class"])
+    assert first["auc_roc_macro"] == second["auc_roc_macro"]
+    assert not list(Path(backbones).glob("*.tmp"))
+
+
+
+def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, monkeypatch):
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
+    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=20, interval=1,
+                                 patience=2, checkpoint_dir=backbones, run_name=f"stop{os.getpid()}")
+    monkeypatch.setattr(pipeline_ecg, "mean_average_precision", lambda labels, scores: 50.0)
+    stopped, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
+    # the first check sets the best; two more without gain reach patience 2
+    assert stopped["iterations"] == 3 and stopped["best_valid_map"] == 50.0
+
+
+def test_reduced_leads_ignore_the_other_leads(tiny_demo):
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=0)
+    net = build_model(CONFIG, 7)
+    loader = torch.utils.data.DataLoader(data.valid, batch_size=8)
+    noisy = [(x + torch.randn_like(x) * torch.tensor([0.0] + [1.0] * 11).view(1, 12, 1, 1), y) for x, y in loader]
+    _, clean_scores = pipeline_ecg.predict(net, loader, torch.device("cpu"), leads=1)
+    _, noisy_scores = pipeline_ecg.predict(net, noisy, torch.device("cpu"), leads=1)
+    np.testing.assert_allclose(clean_scores, noisy_scores, atol=1e-6)
+
+
+def test_no_pretrained_starts_from_scratch(tiny_demo, tmp_path):
+    results = run_main(tiny_demo, tmp_path / "empty", tmp_path, "--no-pretrained")
+    assert len(results) == 1 and np.isfinite(results[0]["teacher"]["auc_roc_macro"])
+
+
+def test_missing_checkpoint_message(tiny_demo, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        run_main(tiny_demo, tmp_path / "empty", tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "empty" / "CODE_testtinylightbias_full_checkpoint.pkl") in message
+    assert "published" in message and "pipeline_pretrain.py" in message and "--no-pretrained" in message
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_missing_data_message(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        main.main(["--preprocessed_dir", str(tmp_path), "--result_dir", str(tmp_path / "result")])
+    message = str(error.value)
+    for dataset in ("WFDB_Ga", "WFDB_PTBXL", "WFDB_Ningbo", "WFDB_ChapmanShaoxing"):
+        assert dataset in message
+    assert "physionet.org" in message and "--demo" in message and str(tmp_path) in message
+
+
+def test_pretrain_missing_code15_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CODE-15 HDF5 not found.*zenodo.*--demo"):
+        pretrain(tmp_path / "CODE15_train_32.hdf5", tmp_path / "CODE15_valid_32.hdf5", CONFIG, tmp_path / "x.pkl")
+
+
+def test_torchrun_two_processes_gloo(tiny_demo, tmp_path):
+    out_dir = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO_ROOT / "pipeline_pretrain.py"), "--config", CONFIG, "--train", str(tiny_demo["code15_train"]),
+         "--valid", str(tiny_demo["code15_valid"]), "--checkpoint_dir", str(out_dir), "--epochs", "2",
+         "--batch_size", "8", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env)
+    log = proc.stderr.replace("\r", "\n")
+    assert proc.returncode == 0, log[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2: final parameters sha256 (\w+)", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    writers = re.findall(r"rank (\d): epoch \d+, validation mAP [\d.]+, wrote", log)
+    assert writers and set(writers) == {"0"}
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == [f"{pipeline_ecg.PRETRAIN}{CONFIG}bias_full_checkpoint.pkl"]
+
+    state = torch.load(out_dir / files[0], weights_only=True)
+    expected = {k for k in build_model(CONFIG, 6).state_dict() if not k.startswith("auxiliary_classifier.")}
+    assert set(state) == expected
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=0)
+    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=1, interval=2,
+                                 checkpoint_dir=out_dir, run_name="ddp")
+    net = pipeline_ecg.build_net(cfg, data.train.num_classes, data.positive_probably)
+    assert torch.equal(net.state_dict()["encoder_layers.0.conv1.conv.weight"],
+                       state["encoder_layers.0.conv1.conv.weight"])
+
+
+def test_demo_reuses_data_pretrains_backbones_and_reports(tiny_demo, capsys):
+    demo_root = tiny_demo["challenge_h5"].parent.parent
+    results = main.main(["--demo", "--demo_dir", str(demo_root), "--config", CONFIG, "--finetune_epoch", "2",
+                         "--interval", "1", "--device", "cpu"])
+    assert (demo_root / "pretrained_checkpoint" / f"{pipeline_ecg.PRETRAIN}{CONFIG}bias_full_checkpoint.pkl").is_file()
+    assert len(list((demo_root / "result").glob("demo_evolution_*.npy"))) == 1
+    assert results[0]["dataset"] == "WFDB_Demo" and results[0]["teacher"]["tuning"] == "H-Tuning"
+    assert "== WFDB_Demo ==" in capsys.readouterr().out
