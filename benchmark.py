@@ -408,6 +408,79 @@ def metrics_section(args):
             "reference": {"time_s": reference_s}}
 
 
+INFERENCE_REPEATS = 20
+
+
+def _inference_figures(config, device, batch, repeats):
+    """Deployed-model inference in this (fresh) process: a merged LoRA model costs what an r=0 one does.
+
+    Peak memory covers building the model and the first forward (weights + activations, what a
+    deployment needs); latency is the median of `repeats` forwards after it, per record.
+    """
+    import statistics
+    import time
+
+    import torch
+
+    from helper_code import PeakMemory
+    from model_src_ecg import build_model
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.manual_seed(0)
+    with PeakMemory(device) as peak:
+        net = build_model(config, MODEL_NUM_CLASS).to(device).eval()
+        x = torch.randn(batch, 12, 1, MODEL_SAMPLES, device=device)
+        with torch.no_grad():
+            net(x)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            net(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"ms_per_record": 1000 * statistics.median(times) / batch, "peak_mb": peak.peak_mb,
+            "parameters": sum(p.numel() for p in net.parameters())}
+
+
+@section("inference")
+def inference_section(args):
+    """Fine-tuned teacher vs distilled student at inference: latency per record and peak memory.
+
+    Teacher: medium on a GPU, base on a CPU (--config to change); student: tinylight. Each runs in
+    its own subprocess so one's freed memory cannot hide the other's peak. Default batch 1 (one
+    record at a time, as deployed).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from helper_code import get_device
+
+    device = get_device(args.device)
+    batch, repeats = args.batch or 1, args.repeats or INFERENCE_REPEATS
+    if args.method:
+        return {args.method: _inference_figures(args.method, device, batch, repeats)}
+    configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base"), "student": "tinylight"}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for role, config in configs.items():
+            out = Path(tmp) / f"{role}.json"
+            log.info("inference: %s = %s on %s, batch %d", role, config, device, batch)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "inference", "--method", config,
+                            "--device", str(device), "--batch", str(batch), "--repeats", str(repeats),
+                            "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
+            results[role] = json.loads(out.read_text())["inference"][config]
+    teacher, student = results["teacher"], results["student"]
+    student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
+    student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
+    return results
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", help="which measurement to run")
