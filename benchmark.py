@@ -37,6 +37,26 @@ def print_table(name, results):
         print(f"{method:<{width}}  " + "  ".join(cells))
 
 
+def _measure_in_fresh_processes(section_name, methods, options):
+    """Run `benchmark.py SECTION --method M` for each method in its own process; merge the rows.
+
+    A fresh process per method keeps one method's freed memory from hiding another's peak.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            out = Path(tmp) / f"{method}.json"
+            log.info("%s: measuring %s", section_name, method)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), section_name, "--method", method,
+                            *options, "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
+            results.update(json.loads(out.read_text())[section_name])
+    return results
+
+
 MODEL_SAMPLES = 6144
 MODEL_NUM_CLASS = 16
 LORA_RANK = 16
@@ -115,10 +135,6 @@ def model_section(args):
 
     Every method runs in its own subprocess so one method's freed memory cannot hide another's peak.
     """
-    import subprocess
-    import sys
-    import tempfile
-
     from helper_code import get_device
 
     device = get_device(args.device)
@@ -129,15 +145,8 @@ def model_section(args):
     configs = ["tinylight", "tiny", "base"] + (["medium"] if device.type == "cuda" else [])
     methods = [f"{c}_{a}" for c in configs for a in ("explicit", "fused")]
     methods += [f"lora_{p}_{k}_{m}" for m in ("train", "nograd") for k in ("linear", "conv") for p in ("fold", "lowrank")]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            out = Path(tmp) / f"{method}.json"
-            log.info("model: measuring %s on %s", method, device)
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "model", "--method", method,
-                            "--device", str(device), "--batch", str(batch), "--repeats", str(repeats),
-                            "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
-            results.update(json.loads(out.read_text())["model"])
+    results = _measure_in_fresh_processes("model", methods, ["--device", str(device), "--batch", str(batch),
+                                                             "--repeats", str(repeats)])
     for config in configs:
         explicit, fused = results[f"{config}_explicit"], results[f"{config}_fused"]
         fused["speedup_vs_explicit"] = explicit["ms_per_batch"] / fused["ms_per_batch"]
@@ -479,6 +488,138 @@ def inference_section(args):
     student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
     student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
     return results
+
+
+STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "ft", "zo", "floor")
+STEP_NUM_CLASS = 16
+
+
+def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total):
+    """H-Tuning the way the published code does it, kept as the baseline of the `step` section:
+    per-parameter loops, the global RNG reseeded, z regenerated for every phase, gradients
+    deep-copied. The maths is SPEC §4 (with its Fix: the same loss on both sides)."""
+    import copy
+
+    import torch
+
+    from Half_Trainer import compute_loss, mixing_coefficient, module_modes, zo_parameters
+
+    zo = [p for _, p in zo_parameters(model)]
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for p in zo:
+            z = torch.normal(mean=0.0, std=1.0, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * args.zo_eps * z
+
+    def loss_on(inputs, labels):
+        aux, main = model(inputs)
+        return compute_loss(aux, main, labels, args.aux_weight)
+
+    with torch.no_grad(), module_modes(model, "zo"):
+        perturb(1)
+        loss_plus = loss_on(x, y)
+        perturb(-2)
+        loss_minus = loss_on(x, y)
+        perturb(1)
+    projected = float((loss_plus - loss_minus) / (2 * args.zo_eps))
+    optimizer.zero_grad()
+    with module_modes(model, "fo"):
+        loss_on(x[:args.bp_batch], y[:args.bp_batch]).backward()
+    fo_grads = copy.deepcopy([p.grad for p in zo])
+    c = mixing_coefficient(current, total)
+    torch.manual_seed(seed)
+    for p, g_fo in zip(zo, fo_grads):
+        g_zo = projected * torch.normal(mean=0.0, std=1.0, size=p.size(), device=p.device, dtype=p.dtype)
+        p.grad = c * g_fo + (1 - c) * torch.norm(g_fo) * g_zo / (torch.norm(g_zo) + 1e-6)
+    optimizer.step()
+    scheduler.step()
+
+
+def _step_method_figures(method, device, config, batch, bp_batch, repeats):
+    """One method of the `step` section in this (fresh) process: seconds per step (median of
+    `repeats` after one warm-up step) and peak memory over all steps above the state after the
+    model, optimizer and data are built."""
+    import argparse
+    import statistics
+    import time
+
+    import torch
+
+    from Half_Trainer import HalfTrainer
+    from helper_code import PeakMemory
+    from model_src_ecg import build_model, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    full = method == "ft"
+    model = build_model(config, STEP_NUM_CLASS, r=0 if full else LORA_RANK).to(device)
+    if not full:
+        mark_only_lora_as_trainable(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 12, 1, MODEL_SAMPLES, generator=g).to(device)
+    y = (torch.rand(batch, STEP_NUM_CLASS, generator=g) < 0.2).float().to(device)
+    trainer_kind = {"htuning": "ho", "zo": "zo_opt"}.get(method, "bp")
+    args = argparse.Namespace(zo_eps=1e-3, q=1, bp_batch=bp_batch, aux_weight=1.0, trainer=trainer_kind,
+                              gradient_sparsity=None, perturbation_mode="gaussian", coef=None, seed=0)
+    trainer = HalfTrainer(model, optimizer, scheduler, args)
+
+    def floor_step(i):
+        with torch.no_grad():
+            model(x)
+            model(x)
+        trainer.bp_step(x[:bp_batch], y[:bp_batch])
+
+    steps = {
+        "htuning": lambda i: trainer.ho_step(x, y, i, 100),
+        "htuning_naive": lambda i: _naive_htuning_step(model, optimizer, scheduler, x, y, args, i, 100),
+        "lora_bp": lambda i: trainer.bp_step(x, y),
+        "ft": lambda i: trainer.bp_step(x, y),
+        "zo": lambda i: trainer.zo_step(x, y),
+        "floor": floor_step,
+    }
+    run = steps[method]
+    times = []
+    with PeakMemory(device) as peak:
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return {"time_s": statistics.median(times[1:]), "peak_mb": peak.peak_mb}
+
+
+@section("step")
+def step_section(args):
+    """Time per step and peak memory: fused H-Tuning vs the published-style naive step, LoRA
+    backprop, full fine-tuning, pure ZO, and the floor (two inference forwards on the batch plus
+    one training step on bp_batch samples). Every method runs in its own process."""
+    from helper_code import get_device
+
+    device = get_device(args.device)
+    config = args.config or ("medium" if device.type == "cuda" else "tiny")
+    batch = args.batch or (128 if device.type == "cuda" else 32)
+    bp_batch = args.bp_batch or 8
+    repeats = args.repeats or 3
+    if args.method:
+        return {args.method: _step_method_figures(args.method, device, config, batch, bp_batch, repeats)}
+    log.info("step: %s, batch %d, bp_batch %d, %d timed steps per method on %s", config, batch, bp_batch,
+             repeats, device)
+    results = _measure_in_fresh_processes("step", STEP_METHODS, [
+        "--device", str(device), "--config", config, "--batch", str(batch), "--bp-batch", str(bp_batch),
+        "--repeats", str(repeats)])
+    fused = results["htuning"]
+    fused["time_vs_naive"] = fused["time_s"] / results["htuning_naive"]["time_s"]
+    fused["time_vs_floor"] = fused["time_s"] / results["floor"]["time_s"]
+    fused["mem_vs_lora_bp"] = fused["peak_mb"] / results["lora_bp"]["peak_mb"]
+    fused["ft_mem_over_this"] = results["ft"]["peak_mb"] / fused["peak_mb"]
+    return results
+
 
 
 def build_parser():
