@@ -85,8 +85,9 @@ class HalfTrainer:
     def __init__(self, model, optimizer, lr_scheduler, args):
         if args.trainer not in TRAINERS:
             raise ValueError(f"unknown trainer {args.trainer!r}; choose from {', '.join(TRAINERS)}")
-        if getattr(args, "perturbation_mode", "gaussian") not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation_mode {args.perturbation_mode!r}; choose from {PERTURBATIONS}")
+        self.perturbation_mode = getattr(args, "perturbation_mode", "gaussian")
+        if self.perturbation_mode not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation_mode {self.perturbation_mode!r}; choose from {PERTURBATIONS}")
         if int(args.q) < 1:
             raise ValueError(f"q (ZO directions per step) must be >= 1, got {args.q}")
         self.model, self.optimizer, self.lr_scheduler, self.args = model, optimizer, lr_scheduler, args
@@ -129,7 +130,7 @@ class HalfTrainer:
         self.last_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         self._z_generator.manual_seed(self.last_seed)
         self._z_flat.normal_(generator=self._z_generator)
-        if self.args.perturbation_mode == "rademacher":
+        if self.perturbation_mode == "rademacher":
             self._z_flat.sign_()
         if self._sparsity is not None:
             for z, sparsity in zip(self.z, self._sparsity):
