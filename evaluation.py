@@ -1,12 +1,13 @@
 """Multi-label metrics of SPEC §6 and the per-class threshold search of SPEC §5, vectorised.
 
 Every metric works on whole (N, C) arrays: one sort of every class column at once gives the
-precision-recall curve, the ROC counts and the thresholds; one sort of every sample's row gives
-the ranking loss. Nothing loops over samples in Python.
+precision-recall curve, the ROC counts, the confusion counts at any thresholds and the best
+thresholds; one sort of every sample's row gives the ranking loss and the coverage error. Nothing
+loops over samples in Python, and everything after the sorts is read at run or tie-group ends only.
 
-The sort key packs the label into the lowest bit of the score's bit pattern shifted left by one
-(an order-preserving integer as long as the score is in [0, 2)), so a plain integer sort replaces
-argsort plus gathers: that is why scores must be probabilities in [0, 1].
+The sort key packs the label into the lowest bit of twice the score's bit pattern (an
+order-preserving integer for scores in [0, 1]), so a plain in-place integer sort replaces argsort
+plus gathers: that is why scores must be probabilities in [0, 1].
 
 Conventions for degenerate cases:
 - AUROC and AP are undefined for a class with no positives (AP, AUROC) or no negatives (AUROC):
@@ -16,8 +17,6 @@ Conventions for degenerate cases:
 - Ranking loss: samples with no positive or no negative labels contribute 0 (as sklearn).
 - Coverage error: samples with no positive labels contribute 0 (as sklearn).
 """
-import functools
-
 import numpy as np
 
 BETA = 2
@@ -37,84 +36,96 @@ def _check(labels, scores):
     return labels > 0.5, scores
 
 
-def _sorted_rows(labels, scores):
-    """Each row sorted by descending score: (sorted scores, sorted labels, is-last-of-its-tie-group).
+def _order_keys(labels, scores, descending):
+    """One int64 key per entry whose plain ascending integer sort orders the scores, with the label
+    riding along in the lowest bit: no argsort or gathers are needed.
 
-    Positions inside a group of equal scores share one threshold, so curves are only read at
-    group ends (as sklearn does); the order inside a group never matters.
+    For scores in [0, 1] the bit pattern x is an order-preserving integer below 2**62 (-0.0 wraps onto
+    0 once doubled). Descending: -2x + label, best first, a score's negatives before its positives;
+    ascending: 2x - label, worst first, a score's positives before its negatives. Either way keys of
+    equal scores differ only in the lowest bit, and the score bits are -(key >> 1) when descending.
+    Built in C order whatever the layout of `scores`, so a transposed view sorts by class.
     """
-    key = np.ascontiguousarray(scores).view(np.int64) << 1    # the shift also maps -0.0 onto 0.0
-    key |= labels
-    key = np.sort(key, axis=1)[:, ::-1]
-    sorted_labels = (key & 1).astype(bool)
-    sorted_scores = (key >> 1).view(np.float64)
-    is_end = np.ones(scores.shape, dtype=bool)
-    is_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
-    return sorted_scores, sorted_labels, is_end
-
-
-class _TieGroups:
-    """The tie groups of every row, flattened in row order: each group's row, the number of
-    records and of positives up to its end, and the positives inside it."""
-
-    def __init__(self, sorted_labels, is_end):
-        self.rows, n = sorted_labels.shape
-        ends = np.flatnonzero(is_end)
-        self.row = ends // n
-        self.first = np.ones(len(ends), dtype=bool)     # first group of its row
-        self.first[1:] = self.row[1:] != self.row[:-1]
-        self.upto = ends - self.row * n + 1
-        self.pos_upto = np.cumsum(sorted_labels, axis=1, dtype=np.int64).ravel()[ends]
-        self.pos_in = self.pos_upto - self.previous(self.pos_upto)
-
-    def previous(self, upto):
-        """The count up to the previous group of the same row (0 for a row's first group)."""
-        before = np.empty_like(upto)
-        before[0] = 0
-        before[1:] = upto[:-1]
-        before[self.first] = 0
-        return before
-
-    def row_sum(self, values):
-        return np.bincount(self.row, weights=values, minlength=self.rows)
+    key = np.empty(scores.shape, dtype=np.int64)
+    np.multiply(scores.view(np.int64), -2 if descending else 2, out=key)
+    (np.add if descending else np.subtract)(key, labels, out=key)
+    return key
 
 
 class _ClassCurves:
-    """Per class (rows of the transposed arrays): the descending sort and its tie groups."""
+    """Per class, the scores sorted best first, read only at the ends of tie groups.
+
+    Positions inside a group of equal scores share one threshold, so curves are only read at group
+    ends (as sklearn does). Every array below has one entry per group, all classes' groups flattened
+    class after class; counts come from one cumulative sum over the whole flattened sort.
+    """
 
     def __init__(self, labels, scores):
-        self.sorted_scores, self.sorted_labels, self.is_end = _sorted_rows(labels.T, scores.T)
-        self.positives = labels.sum(axis=0)
-        self.negatives = len(labels) - self.positives
+        n, classes = scores.shape
+        key = _order_keys(labels.T, scores.T, descending=True)
+        key.sort(axis=1)
+        key = key.ravel()
+        # runs of equal keys (one score and label: a score's negatives, then its positives)
+        is_run_end = np.empty(key.size, dtype=bool)
+        np.not_equal(key[1:], key[:-1], out=is_run_end[:-1])
+        is_run_end[n - 1::n] = True                              # a class's last record ends a run
+        run_end = np.flatnonzero(is_run_end)
+        run_key = key[run_end]
+        run_row = run_end // n
+        positives_so_far = np.cumsum(np.diff(run_end, prepend=-1) * (run_key & 1))   # running over all classes
+        # a tie group ends with the run before a new score or a new class
+        score_bits = np.negative(run_key >> 1)
+        is_end = np.ones(len(run_end), dtype=bool)
+        is_end[:-1] = (score_bits[1:] != score_bits[:-1]) | (run_row[1:] != run_row[:-1])
+        ends = run_end[is_end]
+        positives_so_far = positives_so_far[is_end]
+        self.row = run_row[is_end]
+        self.row_start = np.searchsorted(self.row, np.arange(classes))
+        class_total = positives_so_far[np.searchsorted(self.row, np.arange(classes), side="right") - 1]
+        self.positives = np.diff(class_total, prepend=0)
+        self.negatives = n - self.positives
+        self.upto = ends - self.row * n + 1
+        self.pos_upto = positives_so_far - (class_total - self.positives)[self.row]
+        self.pos_in = np.diff(positives_so_far, prepend=0)
+        self.count_in = np.diff(ends, prepend=-1)
+        self.scores = score_bits[is_end].view(np.float64)
 
-    @functools.cached_property
-    def groups(self):
-        return _TieGroups(self.sorted_labels, self.is_end)
+    def row_sum(self, values):
+        return np.bincount(self.row, weights=values, minlength=len(self.positives))
 
     def average_precision(self):
         """Every positive of a group takes the precision at the group's end."""
-        g = self.groups
         with np.errstate(invalid="ignore", divide="ignore"):
-            ap = g.row_sum(g.pos_in * g.pos_upto / g.upto) / self.positives
+            ap = self.row_sum(self.pos_in * self.pos_upto / self.upto) / self.positives
         return np.where(self.positives > 0, ap, np.nan)
 
     def auroc(self):
         """Each positive counts the negatives below its tie group, plus half of those inside it."""
-        g = self.groups
-        neg_upto = g.upto - g.pos_upto
-        beaten = self.negatives[g.row] - (neg_upto + g.previous(neg_upto)) / 2
+        neg_upto = self.upto - self.pos_upto
+        beaten = self.negatives[self.row] - neg_upto + (self.count_in - self.pos_in) / 2
         with np.errstate(invalid="ignore", divide="ignore"):
-            auc = g.row_sum(g.pos_in * beaten) / (self.positives * self.negatives)
+            auc = self.row_sum(self.pos_in * beaten) / (self.positives * self.negatives)
         return np.where((self.positives > 0) & (self.negatives > 0), auc, np.nan)
 
+    def confusion(self, thresholds):
+        """Per class TP, FP, FN of predicting score >= threshold: the groups at or above a threshold
+        are a prefix of the class's groups, so the counts are those at the prefix's last group."""
+        above = np.bincount(self.row, weights=self.scores >= thresholds[self.row], minlength=len(thresholds))
+        last = self.row_start + above.astype(np.int64) - 1
+        tp = np.where(above > 0, self.pos_upto[last], 0).astype(np.float64)
+        predicted = np.where(above > 0, self.upto[last], 0)
+        return tp, predicted - tp, self.positives - tp
+
     def thresholds(self, beta):
-        """At every group end F-beta = (1+β²)TP / (predicted + β²·positives); the best per class."""
-        true_pos = np.cumsum(self.sorted_labels, axis=1, dtype=np.int64)
-        predicted = np.arange(1, self.sorted_labels.shape[1] + 1)
-        f = (1 + beta ** 2) * true_pos / (predicted + beta ** 2 * self.positives[:, None])
-        best = np.argmax(np.where(self.is_end, f, -1.0), axis=1)
-        chosen = self.sorted_scores[np.arange(len(best)), best]
-        return np.where(self.positives > 0, chosen, np.nextafter(self.sorted_scores[:, 0], np.inf))
+        """At every group end F-beta = (1+β²)TP / (predicted + β²·positives); the first best per class."""
+        if not len(self.positives):      # no classes: np.maximum.reduceat needs at least one
+            return np.empty(0)
+        f = (1 + beta ** 2) * self.pos_upto / (self.upto + beta ** 2 * self.positives[self.row])
+        best_f = np.maximum.reduceat(f, self.row_start)
+        hits = np.flatnonzero(f == best_f[self.row])
+        best = hits[np.searchsorted(self.row[hits], np.arange(len(best_f)))]
+        highest = self.scores[self.row_start]
+        return np.where(self.positives > 0, self.scores[best], np.nextafter(highest, np.inf))
 
 
 def average_precision(labels, scores):
@@ -132,31 +143,41 @@ def auroc(labels, scores):
 def ranking_loss(labels, scores):
     """Mean over samples of the fraction of (positive, negative) label pairs with the negative
     scored at least as high as the positive (sorted within each sample, ties counted as wrong)."""
-    return _ranking_loss(*_check(labels, scores))
+    labels, scores = _check(labels, scores)
+    wrong, positives, _ = _per_sample_ranks(labels, scores)
+    return _ranking_loss(wrong, positives, labels.shape[1])
 
 
-def _ranking_loss(labels, scores):
-    _, sorted_labels, is_end = _sorted_rows(labels, scores)
-    # rows are short (one entry per class) and rarely tied: read counts per position, not per group
-    negatives_so_far = np.cumsum(~sorted_labels, axis=1, dtype=np.int32)
-    at_ends = np.where(is_end, negatives_so_far, np.iinfo(np.int32).max)
-    negatives_to_group_end = np.minimum.accumulate(at_ends[:, ::-1], axis=1)[:, ::-1]
-    wrong = (sorted_labels * negatives_to_group_end).sum(axis=1)
-    positives = labels.sum(axis=1)
-    pairs = positives * (labels.shape[1] - positives)
+def _ranking_loss(wrong, positives, classes):
+    pairs = positives * (classes - positives)
     with np.errstate(invalid="ignore", divide="ignore"):
         return float(np.where(pairs > 0, wrong / pairs, 0.0).mean())
 
 
 def coverage_error(labels, scores):
     """Mean over samples of how many labels, best first, cover every positive (ties counted in)."""
-    return _coverage_error(*_check(labels, scores))
+    return float(_per_sample_ranks(*_check(labels, scores))[2].mean())
 
 
-def _coverage_error(labels, scores):
-    lowest_positive = np.where(labels, scores, np.inf).min(axis=1, keepdims=True)
-    covered = (scores >= lowest_positive).sum(axis=1)
-    return float(np.where(labels.any(axis=1), covered, 0).mean())
+def _per_sample_ranks(labels, scores):
+    """Per sample: the wrongly ordered (positive, negative) pairs, the positives and the coverage.
+
+    Each row is sorted worst first with positives ahead of tied negatives, so the negatives after a
+    positive at position j are exactly those scored at least as high: a row's wrong pairs are the sum
+    of (C - 1 - j) over its positives minus 0 + 1 + ... + (P - 1). Everything from the first positive
+    on scores at least as high as it, so the coverage is C minus that position (0 without positives).
+    Both row sums come from one float32 matrix product (exact: every term is an integer below 2**24).
+    """
+    classes = scores.shape[1]
+    key = _order_keys(labels, scores, descending=False)
+    key.sort(axis=1)
+    is_positive = np.bitwise_and(key, 1, out=key).astype(np.float32)
+    weights = np.stack([np.ones(classes), classes - 1.0 - np.arange(classes)], axis=1).astype(np.float32)
+    positives, after_sum = (is_positive @ weights).T.astype(np.float64)
+    wrong = after_sum - positives * (positives - 1) / 2
+    first_positive = np.argmax(is_positive, axis=1) if classes else np.zeros(len(scores), dtype=np.int64)
+    covered = np.where(positives > 0, classes - first_positive, 0)
+    return wrong, positives, covered
 
 
 def beta_measures(labels, predictions, beta=BETA):
@@ -200,9 +221,10 @@ def evaluate(labels, scores, thresholds=None, beta=BETA):
     predictions = scores >= thresholds
     curves = _ClassCurves(labels, scores)
     auc, ap = curves.auroc(), curves.average_precision()
-    counts = _confusion(labels, predictions)
+    counts = curves.confusion(thresholds)
     f_beta, g_beta = _beta_scores(*counts, beta)
     f1, _ = _beta_scores(*counts, 1)
+    wrong, positives, covered = _per_sample_ranks(labels, scores)
     with np.errstate(all="ignore"):
         auc_macro = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
         map_value = float(100 * np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
@@ -217,10 +239,10 @@ def evaluate(labels, scores, thresholds=None, beta=BETA):
         "Gbeta_per_class": g_beta,
         "F1score": float(f1.mean()),
         "F1_per_class": f1,
-        "ranking_loss": _ranking_loss(labels, scores),
-        "coverage_error": _coverage_error(labels, scores),
+        "ranking_loss": _ranking_loss(wrong, positives, labels.shape[1]),
+        "coverage_error": float(covered.mean()),
         "hamming_loss": float((counts[1].sum() + counts[2].sum()) / labels.size),
-        "subset_accuracy": float((predictions == labels).all(axis=1).mean()),
+        "subset_accuracy": float(np.mean(np.einsum("ij->i", (predictions != labels).astype(np.float64)) == 0)),
         "thresholds": thresholds,
         "beta": beta,
     }
