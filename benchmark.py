@@ -648,7 +648,6 @@ def step_section(args):
     return results
 
 
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", help="which measurement to run")
