@@ -57,6 +57,27 @@ def _measure_in_fresh_processes(section_name, methods, options):
     return results
 
 
+def _timed_calls(run, calls, device=None):
+    """Seconds of each of `calls` calls of run(i) (i = 0, 1, ...), waiting for queued CUDA work
+    before and after each so a GPU call is timed whole; also the last call's return value."""
+    import time
+
+    import torch
+
+    def sync():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times, value = [], None
+    for i in range(calls):
+        sync()
+        start = time.perf_counter()
+        value = run(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times, value
+
+
 MODEL_SAMPLES = 6144
 MODEL_NUM_CLASS = 16
 LORA_RANK = 16
@@ -72,17 +93,12 @@ def _model_method_figures(method, device, batch, repeats):
     forward+backward (FO pass) or as a forward without autograd (the ZO passes).
     """
     import statistics
-    import time
 
     import torch
     import torch.nn.functional as F
 
     from helper_code import PeakMemory
     from model_src_ecg import LoRAConv2d, LoRALinear, build_model
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     torch.manual_seed(0)
     if method.startswith("lora_"):
@@ -119,13 +135,7 @@ def _model_method_figures(method, device, batch, repeats):
                 net(x)
     with PeakMemory(device) as peak:
         run()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
+    times, _ = _timed_calls(lambda i: run(), repeats, device)
     return {"ms_per_batch": 1000 * statistics.median(times), "peak_mb": peak.peak_mb}
 
 
@@ -388,8 +398,6 @@ def metrics_section(args):
     Scores are rounded to 3 decimals so tie handling is exercised; one class has no positives.
     Each time is the best of METRICS_REPEATS calls, as timeit reports.
     """
-    import time
-
     import numpy as np
 
     import evaluation
@@ -408,11 +416,7 @@ def metrics_section(args):
         return _reference_metrics(labels.astype(int).tolist(), scores.tolist(), evaluation.BETA)
 
     def best_time(metrics):
-        times = []
-        for _ in range(METRICS_REPEATS):
-            start = time.perf_counter()
-            values = metrics()
-            times.append(time.perf_counter() - start)
+        times, values = _timed_calls(lambda i: metrics(), METRICS_REPEATS)
         return values, min(times)
 
     project, project_s = best_time(project_metrics)
@@ -437,31 +441,19 @@ def _inference_figures(config, device, batch, repeats):
     deployment needs); latency is the median of `repeats` forwards after it, per record.
     """
     import statistics
-    import time
 
     import torch
 
     from helper_code import PeakMemory
     from model_src_ecg import build_model
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     torch.manual_seed(0)
-    with PeakMemory(device) as peak:
+    with PeakMemory(device) as peak, torch.no_grad():
         net = build_model(config, MODEL_NUM_CLASS).to(device).eval()
         x = torch.randn(batch, 12, 1, MODEL_SAMPLES, device=device)
-        with torch.no_grad():
-            net(x)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            net(x)
-        sync()
-        times.append(time.perf_counter() - start)
+        net(x)
+    with torch.no_grad():
+        times, _ = _timed_calls(lambda i: net(x), repeats, device)
     return {"ms_per_record": 1000 * statistics.median(times) / batch, "peak_mb": peak.peak_mb,
             "parameters": sum(p.numel() for p in net.parameters())}
 
@@ -474,10 +466,6 @@ def inference_section(args):
     its own subprocess so one's freed memory cannot hide the other's peak. Default batch 1 (one
     record at a time, as deployed).
     """
-    import subprocess
-    import sys
-    import tempfile
-
     from helper_code import get_device
 
     device = get_device(args.device)
@@ -485,15 +473,10 @@ def inference_section(args):
     if args.method:
         return {args.method: _inference_figures(args.method, device, batch, repeats)}
     configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base"), "student": "tinylight"}
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for role, config in configs.items():
-            out = Path(tmp) / f"{role}.json"
-            log.info("inference: %s = %s on %s, batch %d", role, config, device, batch)
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "inference", "--method", config,
-                            "--device", str(device), "--batch", str(batch), "--repeats", str(repeats),
-                            "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
-            results[role] = json.loads(out.read_text())["inference"][config]
+    log.info("inference: teacher %s vs student %s on %s, batch %d", configs["teacher"], configs["student"], device, batch)
+    by_config = _measure_in_fresh_processes("inference", list(dict.fromkeys(configs.values())),
+                                            ["--device", str(device), "--batch", str(batch), "--repeats", str(repeats)])
+    results = {role: dict(by_config[config]) for role, config in configs.items()}
     teacher, student = results["teacher"], results["student"]
     student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
     student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
@@ -557,7 +540,6 @@ def _step_method_figures(method, device, config, batch, bp_batch, repeats):
     `repeats` after one warm-up step: other load on a shared machine only ever adds time) and peak
     memory over all steps above the state after the model, optimizer and data are built."""
     import argparse
-    import time
 
     import torch
 
@@ -596,17 +578,8 @@ def _step_method_figures(method, device, config, batch, bp_batch, repeats):
         "zo": lambda i: trainer.zo_step(x, y),
         "floor": floor_step,
     }
-    run = steps[method]
-    times = []
     with PeakMemory(device) as peak:
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            run(i)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+        times, _ = _timed_calls(steps[method], repeats + 1, device)
     figures = {"time_s": min(times[1:]), "peak_mb": peak.peak_mb}
     if device.type == "cuda":  # weights and data included, as a whole-GPU figure like the paper's
         figures["total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

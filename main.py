@@ -100,9 +100,9 @@ def build_parser():
 
 def settings_from(argv):
     """The constants, then the demo's (with --demo), then the flags given: later wins."""
-    names = [a.dest for a in build_parser()._actions if a.dest != "help"]
-    settings = {name: globals()[name] for name in names}
-    given = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    settings = {a.dest: globals()[a.dest] for a in parser._actions if a.dest != "help"}
+    given = vars(parser.parse_args(argv))
     if given.get("demo"):
         root = Path(given.get("demo_dir", demo_dir))
         settings.update(DEMO_SETTINGS, preprocessed_dir=root / "Preprocessed_dataset",
