@@ -10,10 +10,11 @@ entry per dataset: the student's test metrics with the teacher's under "teacher"
 beside it; a run never overwrites an earlier one, and a search appends after every grid point.
 """
 import argparse
+import hashlib
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -222,9 +223,23 @@ def run_experiment(args, h5_paths, device):
     return results
 
 
+SEARCH_GRID_FIELDS = ("zo_eps", "bp_batch", "r")
+NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "workers")
+
+
+def search_settings_digest(args):
+    """A short hash of every setting that shapes a search point's result except the grid itself, so
+    a search resumes only into a file made with the same settings (a quick trial with fewer epochs
+    never passes for the real run), while a grown grid resumes into the same file."""
+    teacher_cfg, _ = run_configs(args, "search")
+    settings = {k: v for k, v in asdict(teacher_cfg).items() if k not in SEARCH_GRID_FIELDS + NOT_AFFECTING_RESULTS}
+    settings["finetune_label_ratio"] = args.finetune_label_ratio
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_search(args, h5_paths, device):
     """SPEC §5 grid for the H-Tuning teacher; resumes from its file, appending after every point."""
-    stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}"
+    stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}_{search_settings_digest(args)}"
     path = Path(args.result_dir) / f"{stem}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(path)

@@ -98,6 +98,15 @@ def test_search_resumes_after_interruption(tiny_demo, backbones, tmp_path, monke
     assert len(json.loads(path.with_suffix(".json").read_text())) == 2
 
 
+def test_search_with_other_settings_does_not_resume_into_an_earlier_file(tiny_demo, backbones, tmp_path):
+    grid = ["--zo_config", "search", "--search_zo_eps", "1e-3", "--search_bp_batch", "4", "--search_r", "4"]
+    trial = run_main(tiny_demo, backbones, tmp_path, *grid)
+    longer = run_main(tiny_demo, backbones, tmp_path, *grid, "--finetune_epoch", "2")
+    files = sorted(tmp_path.glob("search_*.npy"))
+    assert len(files) == 2 and [len(np.load(f, allow_pickle=True)) for f in files] == [1, 1]
+    assert trial[0]["iterations"] < longer[0]["iterations"]
+
+
 def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
     cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
@@ -107,7 +116,6 @@ def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     np.testing.assert_array_equal(first["ap_per_class"], second["ap_per_class"])
     assert first["auc_roc_macro"] == second["auc_roc_macro"]
     assert not list(Path(backbones).glob("*.tmp"))
-
 
 
 def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, monkeypatch):
