@@ -395,7 +395,8 @@ def metrics_section(args):
     """SPEC §6 metrics with the threshold search on 30,000 x 23 predictions: vectorised vs plain loops.
 
     Both pick thresholds on the same predictions and score them; every value must agree to 1e-9.
-    Scores are rounded to 3 decimals so tie handling is exercised; one class has no positives.
+    Scores are float32, the width the models output, rounded to 3 decimals so tie handling is
+    exercised; one class has no positives.
     Each time is the best of METRICS_REPEATS calls, as timeit reports.
     """
     import numpy as np
@@ -407,7 +408,7 @@ def metrics_section(args):
     prevalence = rng.uniform(0.01, 0.3, size=c)
     prevalence[-1] = 0.0
     labels = (rng.random((n, c)) < prevalence).astype(np.float64)
-    scores = np.round(1 / (1 + np.exp(-(rng.normal(size=(n, c)) + 2.0 * labels - 1.5))), 3)
+    scores = np.round(1 / (1 + np.exp(-(rng.normal(size=(n, c)) + 2.0 * labels - 1.5))), 3).astype(np.float32)
 
     def project_metrics():
         return evaluation.evaluate(labels, scores, evaluation.find_thresholds(labels, scores))

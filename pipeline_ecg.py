@@ -109,7 +109,8 @@ def warmup_linear_decay(optimizer, total, warmup_fraction=WARMUP_FRACTION):
 
 @torch.no_grad()
 def predict(net, loader, device, leads=ALL_LEADS):
-    """(labels, sigmoid scores of the main head) over a loader, as float64 numpy arrays."""
+    """(labels as float64, sigmoid scores of the main head as float32: the width the net computes
+    them in, which the metrics sort fastest) over a loader, as numpy arrays."""
     was_training = net.training
     net.eval()
     labels, scores = [], []
@@ -120,7 +121,7 @@ def predict(net, loader, device, leads=ALL_LEADS):
         scores.append(torch.sigmoid(net(x)[1]).float().cpu())
         labels.append(y)
     net.train(was_training)
-    return torch.cat(labels).double().numpy(), torch.cat(scores).double().numpy()
+    return torch.cat(labels).double().numpy(), torch.cat(scores).numpy()
 
 
 def mean_average_precision(labels, scores):

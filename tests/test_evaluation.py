@@ -124,3 +124,21 @@ def test_bad_inputs_say_what_is_wrong():
         evaluation.evaluate(labels, scores * 3 - 1)
     with pytest.raises(ValueError, match="one entry per class"):
         evaluation.evaluate(labels, scores, thresholds=[0.5])
+
+
+def test_float32_scores_score_exactly_as_their_float64_values():
+    """float32 scores take the int32-key path; every metric and threshold must equal the float64 path's
+    on the same values, ties, a class without positives, 0, -0.0 and 1 included."""
+    labels, scores = random_case(n=300, c=5, seed=6, decimals=3)
+    labels[:, 4] = 0
+    scores = scores.astype(np.float32)
+    scores[:3, 0], scores[3:6, 1] = (0.0, -0.0, 1.0), (1.0, 0.0, -0.0)
+    wide = scores.astype(np.float64)
+    thresholds_32, thresholds_64 = evaluation.find_thresholds(labels, scores), evaluation.find_thresholds(labels, wide)
+    np.testing.assert_array_equal(thresholds_32, thresholds_64)
+    narrow_result = evaluation.evaluate(labels, scores, thresholds_32)
+    wide_result = evaluation.evaluate(labels, wide, thresholds_64)
+    for key, value in wide_result.items():
+        np.testing.assert_array_equal(narrow_result[key], value, err_msg=key)
+    auc = [metrics.roc_auc_score(labels[:, k], wide[:, k]) for k in range(4)]
+    np.testing.assert_allclose(narrow_result["auc_roc_per_class"][:4], auc, atol=1e-12)
