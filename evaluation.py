@@ -29,7 +29,7 @@ KEY_DTYPE = {np.float32: np.int32, np.float64: np.int64}   # the sort key of eac
 def _check(labels, scores):
     labels = np.asarray(labels)
     scores = np.asarray(scores)
-    scores = scores if scores.dtype == np.float32 else scores.astype(np.float64, copy=False)
+    scores = scores if scores.dtype.type in KEY_DTYPE else scores.astype(np.float64)
     if labels.ndim != 2 or labels.shape != scores.shape:
         raise ValueError(f"labels and scores must both be (samples, classes); got {labels.shape} and {scores.shape}")
     if scores.size and not (scores.min() >= 0 and scores.max() <= 1):   # NaN fails both comparisons

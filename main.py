@@ -227,26 +227,27 @@ SEARCH_GRID_FIELDS = ("zo_eps", "bp_batch", "r")
 NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "workers")
 
 
-def search_settings_digest(args):
+def search_settings_digest(teacher_cfg, finetune_label_ratio):
     """A short hash of every setting that shapes a search point's result except the grid itself, so
     a search resumes only into a file made with the same settings (a quick trial with fewer epochs
     never passes for the real run), while a grown grid resumes into the same file."""
-    teacher_cfg, _ = run_configs(args, "search")
     settings = {k: v for k, v in asdict(teacher_cfg).items() if k not in SEARCH_GRID_FIELDS + NOT_AFFECTING_RESULTS}
-    settings["finetune_label_ratio"] = args.finetune_label_ratio
+    settings["finetune_label_ratio"] = finetune_label_ratio
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def run_search(args, h5_paths, device):
     """SPEC §5 grid for the H-Tuning teacher; resumes from its file, appending after every point."""
-    stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}_{search_settings_digest(args)}"
+    teacher_cfg, _ = run_configs(args, "search")
+    digest = search_settings_digest(teacher_cfg, args.finetune_label_ratio)
+    stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}_{digest}"
+    teacher_cfg = replace(teacher_cfg, run_name=stem)
     path = Path(args.result_dir) / f"{stem}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(path)
     done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}
     if done:
         log.info("search: resuming %s, %d points already done", path, len(done))
-    teacher_cfg, _ = run_configs(args, stem)
     for dataset, h5_path in h5_paths.items():
         data = None   # loaded on the first point not yet done
         for eps in args.search_zo_eps:
