@@ -1,4 +1,4 @@
-"""Training steps (SPEC §4): H-Tuning (fused ZO/FO), pure ZO (MeZO) and ZO-sign, plain backprop.
+"""Training steps: H-Tuning (fused ZO/FO), pure ZO (MeZO) and ZO-sign, plain backprop.
 
 H-Tuning estimates the gradient of the LoRA trunk (the "ZO set") from two forward passes over the
 whole batch, L(θ + εz) and L(θ − εz), without building an autograd graph, and backpropagates only
@@ -50,7 +50,7 @@ def zo_parameters(model):
 
 @contextlib.contextmanager
 def module_modes(model, phase):
-    """Set SPEC §4's modes for `phase` ("zo" or "fo"), then restore every module's own mode.
+    """Set the modules' modes for `phase` ("zo" or "fo"), then restore every module's own mode.
 
     zo: everything in eval mode except the norm layers of the encoder and transformer, which stay
     in train mode (they normalise by the batch). fo: train mode with BatchNorm in eval mode.

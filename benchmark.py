@@ -392,7 +392,7 @@ def _reference_metrics(labels, scores, beta):
 
 @section("metrics")
 def metrics_section(args):
-    """SPEC §6 metrics with the threshold search on 30,000 x 23 predictions: vectorised vs plain loops.
+    """All metrics with the threshold search on 30,000 x 23 predictions: vectorised vs plain loops.
 
     Both pick thresholds on the same predictions and score them; every value must agree to 1e-9.
     Scores are float32, the width the models output, rounded to 3 decimals so tie handling is
@@ -496,7 +496,7 @@ STEP_CPU_THREADS = 1
 def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total):
     """H-Tuning the way the published code does it, kept as the baseline of the `step` section:
     per-parameter loops, the global RNG reseeded, z regenerated for every phase, gradients
-    deep-copied. The maths is SPEC §4 (with its Fix: the same loss on both sides)."""
+    deep-copied. The maths is the fused step's (with the same loss on both ZO sides)."""
     import copy
 
     import torch

@@ -713,7 +713,7 @@ class ExperimentData(NamedTuple):
 
 
 def load_experiment_datasets(h5_path, finetune_label_ratio=0.1, seed=18):
-    """SPEC §2 split: stratified labelled pool (ratio) vs test, then pool 80% train / 20% valid."""
+    """The experiment split: stratified labelled pool (ratio) vs test, then pool 80% train / 20% valid."""
     with h5py.File(h5_path, "r") as f:
         labels = f["label_set"][:]
         class_codes = [str(c) for c in f.attrs.get("class_codes", [])]

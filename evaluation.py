@@ -1,4 +1,4 @@
-"""Multi-label metrics of SPEC §6 and the per-class threshold search of SPEC §5, vectorised.
+"""Multi-label metrics and the per-class threshold search, vectorised.
 
 Every metric works on whole (N, C) arrays: one sort of every class column at once gives the
 precision-recall curve, the ROC counts, the confusion counts at any thresholds and the best
@@ -215,7 +215,7 @@ def find_thresholds(labels, scores, beta=BETA):
 
 
 def evaluate(labels, scores, thresholds=None, beta=BETA):
-    """SPEC §6 metrics of scores (probabilities) against multi-hot labels, both (N, C).
+    """All metrics of scores (probabilities) against multi-hot labels, both (N, C).
 
     Threshold-free metrics: AUROC, AP/mAP, ranking loss, coverage error. Thresholded ones
     (score >= threshold per class; None -> 0.5): Hamming loss, subset accuracy, F-beta, G-beta, F1.

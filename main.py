@@ -1,4 +1,4 @@
-"""Run the experiments of SPEC §5: fine-tune the teacher, distil the student, write and print results.
+"""Run the paper's experiments: fine-tune the teacher, distil the student, write and print results.
 
     python main.py                                  # evolution: H-Tuning teacher + distilled student, 4 datasets
     python main.py --r 8 --seed 3 --finetune_dataset WFDB_PTBXL
@@ -25,7 +25,7 @@ from pipeline_ecg import RunConfig, check_pretrained, finetune, pretrained_path,
 
 log = logging.getLogger("adagrad_fusion.main")
 
-# ---- experiment defaults (SPEC §5); each is overridable by --NAME ----
+# ---- experiment defaults (those of the reported runs); each is overridable by --NAME ----
 zo_config = "evolution"              # evolution | FT | purebp | zo | zo_sign | search
 finetune_dataset = list(DATASETS)    # G12EC, PTB-XL, Ningbo, Chapman-Shaoxing
 config = "medium"                    # teacher backbone
@@ -237,7 +237,7 @@ def search_settings_digest(teacher_cfg, finetune_label_ratio):
 
 
 def run_search(args, h5_paths, device):
-    """SPEC §5 grid for the H-Tuning teacher; resumes from its file, appending after every point."""
+    """The hyper-parameter grid for the H-Tuning teacher; resumes from its file, appending after every point."""
     teacher_cfg, _ = run_configs(args, "search")
     digest = search_settings_digest(teacher_cfg, args.finetune_label_ratio)
     stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}_{digest}"

@@ -1,4 +1,4 @@
-"""Fine-tuning pipeline (SPEC §5): one training loop for every teacher and student run.
+"""Fine-tuning pipeline: one training loop for every teacher and student run.
 
 What varies between runs is only (a) the step, which HalfTrainer.step picks from `trainer`
 (H-Tuning, MeZO, ZO-sign, backprop), (b) which parameters train (LoRA set, or everything for
@@ -38,7 +38,7 @@ PUBLISHED_CHECKPOINTS = "the CODE-15 backbone of that name published with the H-
 
 
 def lora_lr(batch_size):
-    """SPEC §5: the LoRA teacher's learning rate depends on the batch size."""
+    """The LoRA teacher's learning rate depends on the batch size."""
     return 0.0025 if batch_size > 64 else 0.001
 
 
@@ -60,7 +60,7 @@ class RunConfig:
     aux_weight: float = 1.0
     gradient_sparsity: float | None = None
     perturbation_mode: str = "gaussian"
-    coef: float | None = None                 # None: SPEC §4 schedule
+    coef: float | None = None                 # None: the schedule 0.99 -> 0.9 at 20%
     leads: int = ALL_LEADS
     pretrain: str = PRETRAIN
     pretrained: bool = True
@@ -165,7 +165,7 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
 
     teacher: a merged net in inference mode whose sigmoid(main) on the same CutMix-ed batch is
     the soft target (distillation); None trains on the labels alone.
-    Returns (result dict: SPEC §6 test metrics + trainable_num, memory (MiB), time (s/iteration),
+    Returns (result dict: the test metrics of evaluation.evaluate + trainable_num, memory (MiB), time (s/iteration),
     iterations, best_valid_map; the merged net in eval mode).
     """
     seed_everything(cfg.seed)
@@ -239,7 +239,7 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
 
 
 def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=True):
-    """SPEC §5 for one dataset: fine-tune the teacher, then train the student (distilled from the
+    """The whole method for one dataset: fine-tune the teacher, then train the student (distilled from the
     merged teacher unless distill=False). Returns the student's result, carrying the teacher's."""
     teacher_result, teacher = finetune(data, dataset, teacher_cfg, device, role="teacher")
     teacher.requires_grad_(False)

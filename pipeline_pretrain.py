@@ -1,4 +1,4 @@
-"""Pretrain a named backbone on CODE-15's six labels (SPEC §2, §3), on one device or several.
+"""Pretrain a named backbone on CODE-15's six labels, on one device or several.
 
     python pipeline_pretrain.py --config tiny
     torchrun --nproc_per_node=N pipeline_pretrain.py --config medium

@@ -1,4 +1,4 @@
-"""ECG backbone with LoRA adapters, checkpoint loading, and batch augmentation (SPEC §3, §5)."""
+"""ECG backbone with LoRA adapters, checkpoint loading, and batch augmentation."""
 from .augment import cutmix, mask_leads
 from .backbone import (CONFIGS, NN_default, adapter_state_dict, build_model, is_lora_trainable,
                        load_adapter_state, load_pretrained, mark_only_lora_as_trainable)

@@ -1,6 +1,6 @@
 """The ECG backbone NN_default (conv encoder -> causal transformer -> two heads) and its checkpoints.
 
-Parameter and buffer names match the published CODE-15 checkpoints key for key (SPEC §3), so a
+Parameter and buffer names match the published CODE-15 checkpoints key for key, so a
 published file loads by name; the LoRA adapters sit beside the weights they update.
 """
 import logging
@@ -49,7 +49,10 @@ class EncoderBlock(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """Fixed sinusoidal table (1, MAX_POSITIONS, width), a buffer so it travels with the checkpoint."""
+    """Fixed sinusoidal table (MAX_POSITIONS, width): sin on even columns, cos on odd ones.
+
+    A buffer, so it travels with the checkpoint; 2-D, the shape it has in the published files.
+    """
 
     def __init__(self, width):
         super().__init__()
@@ -58,10 +61,10 @@ class PositionalEncoding(nn.Module):
         table = torch.zeros(MAX_POSITIONS, width)
         table[:, 0::2] = torch.sin(position * frequency)
         table[:, 1::2] = torch.cos(position * frequency)
-        self.register_buffer("positional_encoding", table.unsqueeze(0))
+        self.register_buffer("positional_encoding", table)
 
     def forward(self, x):
-        return x + self.positional_encoding[:, :x.shape[1]]
+        return x + self.positional_encoding[:x.shape[1]]
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,7 +195,7 @@ def build_model(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
 
 
 def is_lora_trainable(name):
-    """SPEC §3 rule for LoRA fine-tuning: adapters, every bias, and the task layer's weight."""
+    """The LoRA fine-tuning rule: adapters, every bias, and the task layer's weight."""
     return "lora_A" in name or "lora_B" in name or "bias" in name or name == "classifier.1.weight"
 
 
@@ -233,6 +236,16 @@ def _check_keys(own, given, required, what):
                      + listing("shape mismatches", mismatched))
 
 
+DDP_PREFIX = "module."
+
+
+def _unwrapped(state):
+    """A state dict saved from a DistributedDataParallel wrapper has every key under `module.`."""
+    if state and all(k.startswith(DDP_PREFIX) for k in state):
+        return {k[len(DDP_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
 def load_pretrained(net, path):
     """Load a backbone state_dict by key, except classifier.1 and the auxiliary head.
 
@@ -247,7 +260,7 @@ def load_pretrained(net, path):
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state_dict")
     own = net.state_dict()
-    given = {k: v for k, v in state.items() if not _is_skipped_on_load(k)}
+    given = {k: v for k, v in _unwrapped(state).items() if not _is_skipped_on_load(k)}
     required = [k for k in own if not _is_skipped_on_load(k) and not _is_adapter_key(k)]
     _check_keys(own, given, required, f"checkpoint {path}")
     net.load_state_dict(given, strict=False)
@@ -255,7 +268,7 @@ def load_pretrained(net, path):
 
 
 def _adapter_keys(net):
-    """State a LoRA run changes or creates (SPEC §5): adapters, biases, classifier.1.weight, norm
+    """State a LoRA run changes or creates: adapters, biases, classifier.1.weight, norm
     layers (with running statistics) — plus the auxiliary head, which is not in the backbone file."""
     norms = {name for name, m in net.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm))}
     trained = {name for name, _ in net.named_parameters() if is_lora_trainable(name)}

@@ -1,4 +1,4 @@
-"""SPEC §6 metrics against sklearn and hand-computed values, including degenerate classes."""
+"""The metrics against sklearn and hand-computed values, including degenerate classes."""
 import numpy as np
 import pytest
 from sklearn import metrics

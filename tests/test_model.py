@@ -1,4 +1,4 @@
-"""Backbone, LoRA layers, checkpoint loading and augmentation (model_src_ecg, SPEC §3 and §5)."""
+"""Backbone, LoRA layers, checkpoint loading and augmentation (model_src_ecg)."""
 import numpy as np
 import pytest
 import torch
@@ -9,9 +9,9 @@ from model_src_ecg.backbone import CausalSelfAttention
 
 SAMPLES = 1024  # 16 tokens: short inputs keep the forwards fast
 
-SPEC_TOTAL_R0 = {"tinylight": 258_833, "tiny": 1_608_081, "base": 9_537_297,
+PUBLISHED_TOTAL_R0 = {"tinylight": 258_833, "tiny": 1_608_081, "base": 9_537_297,
                  "medium": 50_624_017, "large": 113_783_057}
-SPEC_TRAINABLE_R16 = {"tinylight": 82_033, "tiny": 264_657, "base": 800_785,
+PUBLISHED_TRAINABLE_R16 = {"tinylight": 82_033, "tiny": 264_657, "base": 800_785,
                       "medium": 2_146_449, "large": 3_218_705}
 
 
@@ -27,54 +27,131 @@ def randomise_adapters(net, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def spec_tinylight_keys(num_class):
-    """SPEC §3 key pattern for tinylight (width 64, one transformer layer), without the aux head."""
-    w = 64
+# The published layout, written out from its description rather than from this model's own
+# state_dict(): (width, transformer layers) per config, then every key and shape a published
+# CODE-15 backbone file holds. The positional table is 2-D, (200, width).
+PUBLISHED_LAYOUT = {"tinylight": (64, 1), "medium": (512, 12)}
+
+
+def published_keys(config, num_class, r=0, aux=False):
+    """Key -> shape of a published checkpoint of `config`; with r > 0 also the LoRA adapters a
+    published LoRA model carries, with aux=True also its auxiliary head (absent from the files)."""
+    w, layers = PUBLISHED_LAYOUT[config]
     keys = {}
+
+    def adapted(prefix, out_features, in_features, qkv=False):
+        if r:
+            keys[f"{prefix}.lora_A"] = (3 * r if qkv else r, in_features)
+            keys[f"{prefix}.lora_B"] = (out_features, r)
+
     for i in range(3):
         cin = 12 if i == 0 else w
-        keys[f"encoder_layers.{i}.conv1.conv.weight"] = (w, cin, 1, 9)
-        keys[f"encoder_layers.{i}.conv2.conv.weight"] = (w, w, 1, 9)
-        keys[f"encoder_layers.{i}.conv3.conv.weight"] = (w, cin, 1, 1)
-        for conv in ("conv1", "conv2", "conv3"):
+        for conv, kernel in (("conv1", 9), ("conv2", 9), ("conv3", 1)):
+            conv_in = w if conv == "conv2" else cin
+            keys[f"encoder_layers.{i}.{conv}.conv.weight"] = (w, conv_in, 1, kernel)
             keys[f"encoder_layers.{i}.{conv}.conv.bias"] = (w,)
+            adapted(f"encoder_layers.{i}.{conv}", w, conv_in * kernel)
         for bn in ("bn1", "bn2"):
             for stat in ("weight", "bias", "running_mean", "running_var"):
                 keys[f"encoder_layers.{i}.{bn}.{stat}"] = (w,)
             keys[f"encoder_layers.{i}.{bn}.num_batches_tracked"] = ()
-    keys["position_encoding.positional_encoding"] = (1, 200, w)
-    t = "transformer_layers.0"
-    keys.update({
-        f"{t}.self_attention.bias": (1, 1, 96, 96),
-        f"{t}.self_attention.c_attn.weight": (w, 3 * w), f"{t}.self_attention.c_attn.bias": (3 * w,),
-        f"{t}.self_attention.c_proj.weight": (w, w), f"{t}.self_attention.c_proj.bias": (w,),
-        f"{t}.norm1.weight": (w,), f"{t}.norm1.bias": (w,), f"{t}.norm2.weight": (w,), f"{t}.norm2.bias": (w,),
-        f"{t}.fc1.weight": (4 * w, w), f"{t}.fc1.bias": (4 * w,),
-        f"{t}.fc2.weight": (w, 4 * w), f"{t}.fc2.bias": (w,),
-        "classifier.0.weight": (w, w), "classifier.0.bias": (w,),
-        "classifier.1.weight": (num_class, w), "classifier.1.bias": (num_class,),
-    })
+    keys["position_encoding.positional_encoding"] = (200, w)
+    for j in range(layers):
+        t = f"transformer_layers.{j}"
+        keys.update({
+            f"{t}.self_attention.bias": (1, 1, 96, 96),
+            f"{t}.self_attention.c_attn.weight": (w, 3 * w), f"{t}.self_attention.c_attn.bias": (3 * w,),
+            f"{t}.self_attention.c_proj.weight": (w, w), f"{t}.self_attention.c_proj.bias": (w,),
+            f"{t}.norm1.weight": (w,), f"{t}.norm1.bias": (w,), f"{t}.norm2.weight": (w,), f"{t}.norm2.bias": (w,),
+            f"{t}.fc1.weight": (4 * w, w), f"{t}.fc1.bias": (4 * w,),
+            f"{t}.fc2.weight": (w, 4 * w), f"{t}.fc2.bias": (w,),
+        })
+        adapted(f"{t}.self_attention.c_attn", 3 * w, w, qkv=True)
+        adapted(f"{t}.fc1", 4 * w, w)
+        adapted(f"{t}.fc2", w, 4 * w)
+    keys.update({"classifier.0.weight": (w, w), "classifier.0.bias": (w,),
+                 "classifier.1.weight": (num_class, w), "classifier.1.bias": (num_class,)})
+    adapted("classifier.0", w, w)
+    if aux:
+        keys.update({"auxiliary_classifier.0.weight": (w // 2, w), "auxiliary_classifier.0.bias": (w // 2,),
+                     "auxiliary_classifier.2.weight": (1, w // 2), "auxiliary_classifier.2.bias": (1,)})
+        adapted("auxiliary_classifier.0", w // 2, w)
     return keys
 
 
-@pytest.mark.parametrize("config", sorted(SPEC_TOTAL_R0))
+def published_state(config, num_class, r=0, aux=False, seed=0):
+    """Random tensors in the published layout (the causal mask and positions as a real file has them)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in published_keys(config, num_class, r, aux).items():
+        if key.endswith("self_attention.bias"):
+            state[key] = torch.tril(torch.ones(96, 96)).view(1, 1, 96, 96)
+        elif key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.05
+    return state
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED_TOTAL_R0))
 def test_parameter_counts_match_spec(config):
     with torch.device("meta"):
         plain = build_model(config, 16, r=0)
         adapted = build_model(config, 16, r=16)
-    assert sum(p.numel() for p in plain.parameters()) == SPEC_TOTAL_R0[config]
+    assert sum(p.numel() for p in plain.parameters()) == PUBLISHED_TOTAL_R0[config]
     trainable = mark_only_lora_as_trainable(adapted)
-    assert trainable == SPEC_TRAINABLE_R16[config]
+    assert trainable == PUBLISHED_TRAINABLE_R16[config]
     assert trainable == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
-def test_tinylight_state_dict_has_spec_keys_and_shapes():
-    state = build_model("tinylight", 6).state_dict()
-    backbone = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("auxiliary_classifier.")}
-    assert backbone == spec_tinylight_keys(6)
-    assert {k for k in state if k.startswith("auxiliary_classifier.")} == {
-        "auxiliary_classifier.0.weight", "auxiliary_classifier.0.bias",
-        "auxiliary_classifier.2.weight", "auxiliary_classifier.2.bias"}
+@pytest.mark.parametrize("config", sorted(PUBLISHED_LAYOUT))
+@pytest.mark.parametrize("r", [0, 16])
+def test_state_dict_has_exactly_the_published_keys_and_shapes(config, r):
+    with torch.device("meta"):
+        state = build_model(config, 6, r=r).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == published_keys(config, 6, r=r, aux=True)
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED_LAYOUT))
+def test_published_checkpoint_loads_and_sets_every_backbone_tensor(config, tmp_path):
+    """A file written in the published layout (positional table 2-D) loads; every tensor but the task
+    layer lands in the model, and a DDP-saved copy (keys under `module.`) loads to the same model."""
+    state = published_state(config, 16)
+    path = tmp_path / f"CODE_test{config}bias_full_checkpoint.pkl"
+    torch.save(state, path)
+    ddp_path = tmp_path / "ddp.pkl"
+    torch.save({f"module.{k}": v for k, v in state.items()}, ddp_path)
+    for source in (path, ddp_path):
+        net = build_model(config, 23, r=16)
+        load_pretrained(net, source)
+        loaded = net.state_dict()
+        for key, value in state.items():
+            if "classifier.1" not in key:
+                assert torch.equal(loaded[key], value), key
+        assert loaded["classifier.1.weight"].shape == (23, PUBLISHED_LAYOUT[config][0])
+
+
+def test_positional_table_is_the_sinusoid_and_its_first_rows_are_added():
+    net = build_model("tinylight", 6).eval()
+    table = net.position_encoding.positional_encoding
+    position = torch.arange(200.0)[:, None]
+    frequency = torch.exp(torch.arange(0, 64, 2.0) * (-np.log(10000.0) / 64))
+    assert torch.allclose(table[:, 0::2], torch.sin(position * frequency), atol=1e-5)
+    assert torch.allclose(table[:, 1::2], torch.cos(position * frequency), atol=1e-5)
+    tokens = torch.randn(2, 16, 64)
+    assert torch.equal(net.position_encoding(tokens), tokens + table[:16])
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED_LAYOUT))
+def test_lora_state_dicts_load_strictly_both_ways(config):
+    published = published_state(config, 6, r=16, aux=True)
+    net = build_model(config, 6, r=16)
+    net.load_state_dict(published, strict=True)
+    again = {k: v.clone() for k, v in net.state_dict().items()}
+    assert again.keys() == published.keys()
+    assert all(torch.equal(again[k], published[k]) for k in published)
 
 
 def test_adapter_keys_sit_beside_adapted_weights_and_rank_zero_adds_none():
@@ -100,7 +177,7 @@ def test_adapter_keys_sit_beside_adapted_weights_and_rank_zero_adds_none():
     assert adapters == expected
     non_adapter = {k: tuple(v.shape) for k, v in state.items()
                    if "lora_" not in k and not k.startswith("auxiliary_classifier.")}
-    assert non_adapter == spec_tinylight_keys(6)
+    assert non_adapter == published_keys("tinylight", 6)
 
 
 def test_bad_rank_list_and_config_are_refused():

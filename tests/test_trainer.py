@@ -1,4 +1,4 @@
-"""Half_Trainer against a plain per-parameter reference of SPEC §4, and its memory/RNG/mode guarantees."""
+"""Half_Trainer against a plain per-parameter reference of the step, and its memory/RNG/mode guarantees."""
 import argparse
 import copy
 
@@ -49,7 +49,7 @@ def batch(device, seed=1, batch_size=BATCH, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference: SPEC §4 written parameter by parameter, on a deep copy, from the same step seed.
+# The reference: the step written parameter by parameter, on a deep copy, from the same step seed.
 # ------------------------------------------------------------------------------------------------
 def reference_z(params, seed, args):
     """z as the trainer defines it: one flat normal draw from `seed`, split in parameter order."""
@@ -72,7 +72,7 @@ def reference_loss(model, x, y, args, soft=None):
 
 
 def reference_step(model, x, y, args, seed, current, total, soft=None):
-    """One step of SPEC §4 on `model`, per parameter and without any of the trainer's machinery."""
+    """One fused step on `model`, per parameter and without any of the trainer's machinery."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     zo = [p for _, p in zo_parameters(model)]
     heads = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
