@@ -224,6 +224,13 @@ class HalfTrainer:
         self._apply()
         return float(loss.detach())
 
+    def rng_state(self):
+        """State of the generator the step seeds come from: a resumed run restores it to draw the same z."""
+        return self._seeds.get_state()
+
+    def set_rng_state(self, state):
+        self._seeds.set_state(state)
+
     def step(self, inputs, labels, current, total, soft_targets=None):
         if self.args.trainer == "ho":
             return self.ho_step(inputs, labels, current, total)

@@ -623,16 +623,19 @@ def step_section(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", help="which measurement to run")
+    from helper_code import FlagParser, int_at_least
+    from model_src_ecg import CONFIGS
+
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=list(SECTIONS), help="which measurement to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--config", default=None, help="model config (default: per section)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: per section)")
-    parser.add_argument("--bp-batch", type=int, default=None, help="FO samples per H-Tuning step")
-    parser.add_argument("--records", type=int, default=None, help="records to convert (data section)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: per section)")
-    parser.add_argument("--workers", type=int, default=None, help="converter worker processes (data section)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
+    parser.add_argument("--config", default=None, choices=list(CONFIGS), help="model config (default: per section)")
+    parser.add_argument("--batch", type=int_at_least(1), default=None, help="batch size (default: per section)")
+    parser.add_argument("--bp-batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")
+    parser.add_argument("--records", type=int_at_least(1), default=None, help="records to convert (data section)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repetitions (default: per section)")
+    parser.add_argument("--workers", type=int_at_least(1), default=None, help="converter worker processes (data section)")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
@@ -640,9 +643,10 @@ def build_parser():
 
 def main(argv=None):
     setup_logging()
-    args = build_parser().parse_args(argv)
-    if args.section not in SECTIONS:
-        raise SystemExit(f"unknown section {args.section!r}; choose from: {', '.join(sorted(SECTIONS))}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch is not None and args.bp_batch is not None and args.bp_batch > args.batch:
+        parser.error(f"argument --bp-batch: must be at most --batch ({args.batch}), got {args.bp_batch}")
     results = SECTIONS[args.section](args)
     print_table(args.section, results)
     if args.json is not None:

@@ -29,8 +29,8 @@ import wfdb
 from scipy.signal import butter, filtfilt, resample_poly
 from tqdm import tqdm
 
-from helper_code import (DEMO_CLASSES, DEMO_DATASET, LABEL_ABBREVIATION, LABEL_NAME, REPO_ROOT, atomic_path,
-                         dataset_classes, setup_logging)
+from helper_code import (DEMO_CLASSES, DEMO_DATASET, LABEL_ABBREVIATION, LABEL_NAME, REPO_ROOT, FlagParser,
+                         atomic_path, dataset_classes, float_in, int_at_least, setup_logging)
 
 log = logging.getLogger("datacollection")
 
@@ -735,7 +735,7 @@ def load_experiment_datasets(h5_path, finetune_label_ratio=0.1, seed=18):
 # Command line
 # ---------------------------------------------------------------------------------------------
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT,
                         help="folder holding one sub-folder per Challenge dataset (default: OriginalData in the repo)")
     parser.add_argument("--out", type=Path, default=PREPROCESSED_DIR,
@@ -743,13 +743,13 @@ def build_parser():
                              "--demo uses DIR/Preprocessed_dataset)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=[*DATASETS, DEMO_DATASET],
                         help="which Challenge datasets to convert (default: all four)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int_at_least(1), default=min(8, os.cpu_count() or 1),
                         help="worker processes (default: CPU count, at most 8)")
-    parser.add_argument("--chunk", type=int, default=CHUNK, help="records per unit of work")
+    parser.add_argument("--chunk", type=int_at_least(1), default=CHUNK, help="records per unit of work")
     parser.add_argument("--code15", type=Path, default=None, metavar="DIR",
                         help="convert CODE-15 (exams.csv + exams_part*.hdf5) in DIR instead")
-    parser.add_argument("--valid-fraction", type=float, default=0.1, help="CODE-15 patients held out for validation")
-    parser.add_argument("--seed", type=int, default=18, help="CODE-15 patient split seed")
+    parser.add_argument("--valid-fraction", type=float_in(0, 1), default=0.1, help="CODE-15 patients held out for validation")
+    parser.add_argument("--seed", type=int_at_least(0), default=18, help="CODE-15 patient split seed")
     parser.add_argument("--demo", nargs="?", const=DEMO_DIR, type=Path, default=None, metavar="DIR",
                         help="write synthetic demo data under DIR (default: demo in the repo) and convert it")
     return parser

@@ -3,8 +3,11 @@
 Every script in the repository imports these from here; nothing here knows about ECGs except
 the label facts further down.
 """
+import argparse
 import contextlib
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import random
@@ -33,6 +36,84 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def state_digest(state):
+    """sha256 (16 hex digits) of a state dict's tensors: equal digests mean identical models."""
+    digest = hashlib.sha256()
+    for value in state.values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def to_jsonable(value):
+    """Numbers, arrays and tensors as JSON values; NaN (an undefined per-class metric) as null."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def settings_digest(settings):
+    """8 hex digits naming a dict of settings: the same settings always give the same digest."""
+    return hashlib.sha256(json.dumps(to_jsonable(settings), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def settings_differences(saved, current):
+    """'name: saved -> now' for every setting that differs, for a message saying why a state is not used."""
+    saved, current = to_jsonable(saved), to_jsonable(current)
+    names = sorted(set(saved) | set(current))
+    return ", ".join(f"{n}: {saved.get(n)!r} -> {current.get(n)!r}" for n in names if saved.get(n) != current.get(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: every entry script refuses a bad value up front, in one argparse-style line, exit status 2.
+# ---------------------------------------------------------------------------------------------
+class FlagParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: argument --flag: what it accepts`, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(low):
+    """argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def float_in(low=None, high=None, low_closed=False, high_closed=False):
+    """argparse type: a finite number in the interval given (open ends unless said closed)."""
+    interval = (f"{'[' if low_closed else '('}{'-inf' if low is None else f'{low:g}'}, "
+                f"{'inf' if high is None else f'{high:g}'}{']' if high_closed else ')'}")
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+        below = low is not None and (value < low or (value == low and not low_closed))
+        above = high is not None and (value > high or (value == high and not high_closed))
+        if not np.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text}")
+        return value
+    return parse
 
 
 def get_device(name=None):

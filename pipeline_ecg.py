@@ -1,32 +1,55 @@
-"""Fine-tuning pipeline: one training loop for every teacher and student run.
+"""Fine-tune a teacher, distil a student: the training loop every run shares, and its script.
+
+    python pipeline_ecg.py --finetune_dataset WFDB_PTBXL                      # H-Tuning teacher, then distilled student
+    python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage teacher --zo_config zo_sign
+    python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage student \\
+        --teacher pretrained_checkpoint/merged_evolution_medium_seed18_0_WFDB_PTBXL_teacher.pt
+    python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage student --no-distill
+    python pipeline_ecg.py --demo --stage teacher --zo_config FT               # on the synthetic demo data
+    python pipeline_ecg.py ... --resume                                        # continue an interrupted run
+
+The flags, their defaults (the constants at the top of main.py) and the result files are main.py's.
 
 What varies between runs is only (a) the step, which HalfTrainer.step picks from `trainer`
-(H-Tuning, MeZO, ZO-sign, backprop), (b) which parameters train (LoRA set, or everything for
+(H-Tuning, MeZO, ZO-sign, backprop), (b) which parameters train (the LoRA set, or everything for
 the fully fine-tuned teacher and the student), and (c) whether a frozen teacher supplies soft
 targets. The loop around it is shared: CutMix-ed batches, validation every `interval`, early
 stopping on 1/mAP, the best state written atomically, reload, merge, thresholds on validation,
 test metrics.
+
+Every file a run writes is named by its run name, dataset and role ("teacher" or "student"):
+- `best_*.pt` in checkpoint_dir: the best state so far (LoRA: adapters, biases, norm layers, heads);
+- `resume_*.pt` in checkpoint_dir: everything needed to continue exactly, rewritten at every
+  validation (weights, optimizer, scheduler, counters, every random generator, the history);
+- `merged_*.pt` in checkpoint_dir: the finished stage, the merged model and its test result; a
+  resumed run reloads it instead of training again, and `--teacher` distils from it;
+- `*_history.csv` in result_dir: one row per validation.
 """
+import csv
+import hashlib
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import evaluation
-from Half_Trainer import HalfTrainer
-from helper_code import REPO_ROOT, PeakMemory, atomic_path, seed_everything
+from Half_Trainer import HalfTrainer, mixing_coefficient
+from helper_code import (REPO_ROOT, PeakMemory, atomic_path, seed_everything, settings_differences, state_digest,
+                         to_jsonable)
 from model_src_ecg import (adapter_state_dict, build_model, cutmix, load_adapter_state, load_pretrained,
                            mark_only_lora_as_trainable, mask_leads)
 
 log = logging.getLogger("adagrad_fusion.pipeline_ecg")
 
 CHECKPOINT_DIR = REPO_ROOT / "pretrained_checkpoint"
+RESULT_DIR = REPO_ROOT / "result"
 PRETRAIN = "CODE_test"                 # checkpoint prefix: {PRETRAIN}{config}bias_full_checkpoint.pkl
-STUDENT_CONFIG = "tinylight"
 # tuning name -> HalfTrainer's `trainer`; "FT" trains every parameter with plain backprop
 TUNINGS = {"H-Tuning": "ho", "zo": "zo_opt", "zo_sign": "zo_sign_opt", "bp": "bp", "FT": "bp"}
 LONG_DATASETS = ("WFDB_Ga", "WFDB_ChapmanShaoxing")   # their iteration budget is doubled
@@ -35,6 +58,9 @@ WEIGHT_DECAY = 0.01
 LR_FULL = 0.001                        # FT teacher and student (the published code prints 0.002, uses 0.001)
 ALL_LEADS = 12
 PUBLISHED_CHECKPOINTS = "the CODE-15 backbone of that name published with the H-Tuning paper's code (ICML 2025)"
+# RunConfig fields that say where a run's files go or how fast it runs, never what it computes
+NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "workers", "resume")
+HISTORY_COLUMNS = ("iteration", "train_loss", "valid_map", "lr", "coef", "seconds")
 
 
 def lora_lr(batch_size):
@@ -60,13 +86,15 @@ class RunConfig:
     aux_weight: float = 1.0
     gradient_sparsity: float | None = None
     perturbation_mode: str = "gaussian"
-    coef: float | None = None                 # None: the schedule 0.99 -> 0.9 at 20%
+    coef: float | None = None                 # None: c = 0.99 for the first 20% of iterations, then 0.9
     leads: int = ALL_LEADS
     pretrain: str = PRETRAIN
     pretrained: bool = True
     checkpoint_dir: Path = CHECKPOINT_DIR
+    result_dir: Path = RESULT_DIR
     run_name: str = "run"
     workers: int = 0
+    resume: bool = False                      # continue from this run name's files instead of starting over
 
     @property
     def trainer(self):
@@ -148,16 +176,131 @@ def build_net(cfg, num_class, positive_probably):
     return net
 
 
-def loaders(data, cfg):
-    if len(data.train) == 0 or len(data.valid) == 0:
-        raise ValueError(f"empty split: {len(data.train)} training and {len(data.valid)} validation records; "
-                         f"raise finetune_label_ratio or use a larger dataset")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True,
-                                        num_workers=cfg.workers, generator=generator)
-    valid, test = (torch.utils.data.DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.workers)
-                   for split in (data.valid, data.test))
-    return train, valid, test
+def eval_loader(split, cfg):
+    return torch.utils.data.DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.workers)
+
+
+def epoch_loader(train, cfg, order_generator, skip_batches):
+    """One epoch in the order of a fresh permutation from `order_generator`, less its first batches:
+    a resumed run rewinds the generator to the epoch's start and skips what it had already done."""
+    order = torch.randperm(len(train), generator=order_generator)[skip_batches * cfg.batch_size:]
+    return torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                       num_workers=cfg.workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage's files: settings that must match to reuse them, the finished stage, the resumable state
+# ---------------------------------------------------------------------------------------------
+class StagePaths(NamedTuple):
+    best: Path
+    resume: Path
+    merged: Path
+    history: Path
+
+
+def stage_paths(cfg, dataset, role):
+    key = f"{cfg.run_name}_{dataset}_{role}"
+    checkpoints = Path(cfg.checkpoint_dir)
+    return StagePaths(checkpoints / f"best_{key}.pt", checkpoints / f"resume_{key}.pt",
+                      checkpoints / f"merged_{key}.pt", Path(cfg.result_dir) / f"{key}_history.csv")
+
+
+def stage_settings(cfg, data, dataset, role, teacher):
+    """Everything that decides a stage's numbers: the run's settings, the split, and the teacher."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_AFFECTING_RESULTS}
+    split = np.concatenate([data.train.indices, [-1], data.valid.indices, [-1], data.test.indices])
+    split_digest = hashlib.sha256(split.astype(np.int64).tobytes()).hexdigest()[:16]
+    settings.update(dataset=dataset, role=role, split=split_digest,
+                    teacher=None if teacher is None else state_digest(merged_state(teacher)))
+    return to_jsonable(settings)
+
+
+def _usable(path, settings, what):
+    """True if `path` exists and was written under `settings`; says why when it is not used."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["settings"] != settings:
+        log.warning("not using %s %s: written under other settings (%s)", what, path,
+                    settings_differences(saved["settings"], settings))
+        return None
+    return saved
+
+
+def _result_to_tensors(result):
+    return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in result.items()}
+
+
+def _result_from_tensors(result):
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+def merged_state(net):
+    """A merged net's weights without its adapters (folded in, B zeroed): an r=0 model's state dict."""
+    return {k: v.detach().cpu() for k, v in net.state_dict().items() if "lora_" not in k}
+
+
+def save_merged(path, settings, net, config, class_codes, result):
+    """The finished stage: the merged model and its test result. The file a later run reloads, and
+    that `--teacher` distils from."""
+    with atomic_path(path) as tmp:
+        torch.save({"settings": settings, "result": _result_to_tensors(result),
+                    "model": {"config": config, "num_class": int(net.classifier[1].out_features),
+                              "positive_probably": float(net.positive_probably),
+                              "class_codes": list(class_codes), "state_dict": merged_state(net)}}, tmp)
+
+
+def load_merged(path, device):
+    """(result, merged net in eval mode, class codes) from a `merged_*.pt` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
+                                f"checkpoint_dir)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = saved["model"]
+    net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
+    net.load_state_dict(model["state_dict"])
+    net.requires_grad_(False)
+    return _result_from_tensors(saved["result"]), net.to(device).eval(), model["class_codes"]
+
+
+def write_history(path, rows):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """The loop's counters; saved with every resumable state."""
+    current: int = 0
+    best_map: float = -np.inf
+    checks_without_gain: int = 0
+    step_seconds: float = 0.0           # inside the step only: the reported s/iteration
+    elapsed: float = 0.0                # wall seconds of the stage, across resumes
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+def _random_states(rng, order_epoch_start, trainer):
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cutmix": rng.bit_generator.state, "order": order_epoch_start,
+            "trainer": trainer.rng_state(),
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def _restore_random_states(states, rng, order_generator, trainer):
+    torch.set_rng_state(states["torch"])
+    rng.bit_generator.state = states["cutmix"]
+    order_generator.set_state(states["order"])
+    trainer.set_rng_state(states["trainer"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
 def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
@@ -165,85 +308,139 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
 
     teacher: a merged net in inference mode whose sigmoid(main) on the same CutMix-ed batch is
     the soft target (distillation); None trains on the labels alone.
-    Returns (result dict: the test metrics of evaluation.evaluate + trainable_num, memory (MiB), time (s/iteration),
-    iterations, best_valid_map; the merged net in eval mode).
+    With cfg.resume, a finished stage of this run name is reloaded and an interrupted one continues
+    from its last validation, giving exactly the numbers of an uninterrupted run.
+    Returns (result dict: the test metrics of evaluation.evaluate + challenge_score, trainable_num,
+    memory (MiB), time (s/iteration), iterations, best_valid_map; the merged net in eval mode).
     """
+    paths = stage_paths(cfg, dataset, role)
+    settings = stage_settings(cfg, data, dataset, role, teacher)
+    if cfg.resume:
+        if _usable(paths.merged, settings, "finished stage") is not None:
+            log.info("%s %s: finished earlier, reloading %s", dataset, role, paths.merged)
+            result, net, _ = load_merged(paths.merged, device)
+            return result, net
+        resumed = _usable(paths.resume, settings, "resumable state")
+    else:
+        resumed = None
+        for stale in (paths.resume, paths.merged):
+            stale.unlink(missing_ok=True)
+
     seed_everything(cfg.seed)
-    train_loader, valid_loader, test_loader = loaders(data, cfg)
     net = build_net(cfg, data.train.num_classes, data.positive_probably).to(device)
     parameters = [p for p in net.parameters() if p.requires_grad]
     trainable_num = sum(p.numel() for p in parameters)
-    total = len(train_loader) * cfg.finetune_epoch * (2 if dataset in LONG_DATASETS else 1)
+    total = math.ceil(len(data.train) / cfg.batch_size) * cfg.finetune_epoch * (2 if dataset in LONG_DATASETS else 1)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=WEIGHT_DECAY)
-    trainer = HalfTrainer(net, optimizer, warmup_linear_decay(optimizer, total), cfg)
-    best_path = Path(cfg.checkpoint_dir) / f"best_{cfg.run_name}_{dataset}_{role}.pt"
+    scheduler = warmup_linear_decay(optimizer, total)
+    trainer = HalfTrainer(net, optimizer, scheduler, cfg)
     snapshot = (lambda: net.state_dict()) if cfg.full_finetune else (lambda: adapter_state_dict(net))
-    rng = np.random.default_rng(cfg.seed)
+    restore = net.load_state_dict if cfg.full_finetune else (lambda state: load_adapter_state(net, state))
+    rng = np.random.default_rng(cfg.seed)                       # CutMix
+    order_generator = torch.Generator().manual_seed(cfg.seed)   # data order
+    progress, history = Progress(), []
+    if resumed is not None:
+        restore({k: v.to(device) for k, v in resumed["model"].items()})
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        progress, history = Progress(**resumed["progress"]), resumed["history"]
+        _restore_random_states(resumed["random"], rng, order_generator, trainer)
+        log.info("%s %s: resuming %s at iteration %d of %d", dataset, role, paths.resume, progress.current, total)
     log.info("%s %s: %s/%s, %d trainable parameters, %d iterations at lr %g%s", dataset, role, cfg.config,
              cfg.tuning, trainable_num, total, cfg.learning_rate, ", distilled" if teacher is not None else "")
 
-    best_map, valid_map, checks_without_gain, current, step_seconds = -np.inf, None, 0, 0, 0.0
-    bar = tqdm(total=total, desc=f"{dataset} {role} {cfg.config}/{cfg.tuning}", mininterval=1)
+    valid_loader, test_loader = eval_loader(data.valid, cfg), eval_loader(data.test, cfg)
+    order_epoch_start = order_generator.get_state()
+    started = time.perf_counter() - progress.elapsed
+    bar = tqdm(total=total, initial=progress.current, desc=f"{dataset} {role} {cfg.config}/{cfg.tuning}",
+               mininterval=1)
     net.train()
-    with PeakMemory(device) as peak:
-        while current < total and checks_without_gain < cfg.patience:
-            for x, y in train_loader:
-                start = time.perf_counter()
-                x, y = cutmix(x.to(device), y.to(device), rng)
-                soft_targets = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft_targets = torch.sigmoid(teacher(x)[1])
-                if cfg.leads != ALL_LEADS:
-                    x = mask_leads(x, cfg.leads)
-                loss = trainer.step(x, y, current, total, soft_targets=soft_targets)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_seconds += time.perf_counter() - start
-                current += 1
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", val_mAP="-" if valid_map is None else f"{valid_map:.2f}",
-                                refresh=False)
-                if current % cfg.interval == 0 or current == total:
-                    valid_map = mean_average_precision(*predict(net, valid_loader, device, cfg.leads))
-                    # early stopping on 1/mAP: a lower 1/mAP is a higher mAP
-                    if valid_map > best_map:
-                        best_map, checks_without_gain = valid_map, 0
-                        with atomic_path(best_path) as tmp:
-                            torch.save(snapshot(), tmp)
-                    else:
-                        checks_without_gain += 1
-                if current >= total or checks_without_gain >= cfg.patience:
-                    break
-    bar.close()
-    if current < total:
-        log.info("%s %s: early stop at iteration %d (no validation gain in %d checks)", dataset, role, current,
-                 cfg.patience)
+    try:
+        with PeakMemory(device) as peak:
+            while progress.current < total and progress.checks_without_gain < cfg.patience:
+                if progress.batch_in_epoch == 0:
+                    order_epoch_start = order_generator.get_state()
+                for x, y in epoch_loader(data.train, cfg, order_generator, progress.batch_in_epoch):
+                    start = time.perf_counter()
+                    x, y = cutmix(x.to(device), y.to(device), rng)
+                    soft_targets = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft_targets = torch.sigmoid(teacher(x)[1])
+                    if cfg.leads != ALL_LEADS:
+                        x = mask_leads(x, cfg.leads)
+                    loss = trainer.step(x, y, progress.current, total, soft_targets=soft_targets)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    progress.step_seconds += time.perf_counter() - start
+                    progress.current += 1
+                    progress.batch_in_epoch += 1
+                    progress.loss_sum += loss
+                    progress.loss_count += 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if progress.current % cfg.interval == 0 or progress.current == total:
+                        valid_map = mean_average_precision(*predict(net, valid_loader, device, cfg.leads))
+                        bar.set_postfix(loss=f"{loss:.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
+                        # early stopping on 1/mAP: a lower 1/mAP is a higher mAP
+                        if valid_map > progress.best_map:
+                            progress.best_map, progress.checks_without_gain = valid_map, 0
+                            with atomic_path(paths.best) as tmp:
+                                torch.save(snapshot(), tmp)
+                        else:
+                            progress.checks_without_gain += 1
+                        progress.elapsed = time.perf_counter() - started
+                        history.append({
+                            "iteration": progress.current, "train_loss": progress.loss_sum / progress.loss_count,
+                            "valid_map": valid_map, "lr": scheduler.get_last_lr()[0],
+                            "coef": (mixing_coefficient(progress.current - 1, total) if cfg.coef is None else cfg.coef)
+                            if cfg.trainer == "ho" else "",
+                            "seconds": progress.elapsed})
+                        progress.loss_sum, progress.loss_count = 0.0, 0
+                        write_history(paths.history, history)
+                        with atomic_path(paths.resume) as tmp:
+                            torch.save({"settings": settings, "model": snapshot(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "progress": asdict(progress),
+                                        "history": history,
+                                        "random": _random_states(rng, order_epoch_start, trainer)}, tmp)
+                    if progress.current >= total or progress.checks_without_gain >= cfg.patience:
+                        break
+                else:
+                    progress.batch_in_epoch = 0
+    finally:
+        bar.close()
+    if progress.current < total:
+        log.info("%s %s: early stop at iteration %d (no validation gain in %d checks)", dataset, role,
+                 progress.current, cfg.patience)
 
-    best = torch.load(best_path, map_location=device, weights_only=True)
-    if cfg.full_finetune:
-        net.load_state_dict(best)
-    else:
-        load_adapter_state(net, best)
+    restore(torch.load(paths.best, map_location=device, weights_only=True))
     net.merge_net()
     net.eval()
     thresholds = evaluation.find_thresholds(*predict(net, valid_loader, device, cfg.leads))
-    result = evaluation.evaluate(*predict(net, test_loader, device, cfg.leads), thresholds=thresholds)
-    result.update(trainable_num=trainable_num, memory=peak.peak_mb, time=step_seconds / max(current, 1),
-                  iterations=current, best_valid_map=best_map, role=role, config=cfg.config,
-                  tuning=cfg.tuning, r=0 if cfg.full_finetune else cfg.r, leads=cfg.leads, dataset=dataset,
-                  checkpoint=str(best_path))
+    labels, scores = predict(net, test_loader, device, cfg.leads)
+    result = evaluation.evaluate(labels, scores, thresholds=thresholds)
+    result.update(trainable_num=trainable_num, memory=peak.peak_mb,
+                  time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
+                  best_valid_map=progress.best_map, role=role, config=cfg.config, tuning=cfg.tuning,
+                  r=0 if cfg.full_finetune else cfg.r, leads=cfg.leads, dataset=dataset, checkpoint=str(paths.merged))
+    save_merged(paths.merged, settings, net, cfg.config, data.class_codes, result)
+    paths.resume.unlink(missing_ok=True)
     log.info("%s %s: test macro AUROC %.4f, F-beta %.4f, mAP %.2f", dataset, role, result["auc_roc_macro"],
              result["F1score_b"], result["Map_value"])
     return result, net
 
 
 def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=True):
-    """The whole method for one dataset: fine-tune the teacher, then train the student (distilled from the
-    merged teacher unless distill=False). Returns the student's result, carrying the teacher's."""
+    """The whole method for one dataset: fine-tune the teacher, then train the student (distilled from
+    the merged teacher unless distill=False). Returns the student's result, carrying the teacher's."""
     teacher_result, teacher = finetune(data, dataset, teacher_cfg, device, role="teacher")
     teacher.requires_grad_(False)
     student_result, _ = finetune(data, dataset, student_cfg, device, teacher=teacher if distill else None,
                                  role="student")
     student_result["teacher"] = teacher_result
     return student_result
+
+
+if __name__ == "__main__":
+    import main
+    main.main(pipeline=True)

@@ -10,7 +10,6 @@ auxiliary head (task-specific) and without adapters (r=0), the layout the publis
 have, which pipeline_ecg loads through model_src_ecg.load_pretrained.
 """
 import argparse
-import hashlib
 import logging
 import os
 import time
@@ -23,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from Half_Trainer import compute_loss
-from helper_code import REPO_ROOT, atomic_path, get_device, seed_everything, setup_logging
+from helper_code import (REPO_ROOT, FlagParser, atomic_path, float_in, get_device, int_at_least, seed_everything,
+                         setup_logging, state_digest)
 from datacollection import ECGH5Dataset
 from model_src_ecg import CONFIGS, build_model
 from pipeline_ecg import CHECKPOINT_DIR, PRETRAIN, WEIGHT_DECAY, mean_average_precision, predict, pretrained_path, \
@@ -47,14 +47,6 @@ def backbone_state(net):
     """The backbone file's content: everything but the auxiliary head, as plain CPU tensors."""
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
             if not k.startswith("auxiliary_classifier.")}
-
-
-def parameter_digest(net):
-    """sha256 of every parameter and buffer, to check processes ended with identical models."""
-    digest = hashlib.sha256()
-    for value in net.state_dict().values():
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def positive_rate(h5_path):
@@ -137,24 +129,24 @@ def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, ba
         # BatchNorm running statistics are per process on CPU; give every process rank 0's
         for buffer in net.buffers():
             dist.broadcast(buffer, src=0)
-    log.info("rank %d/%d: final parameters sha256 %s", rank, world, parameter_digest(net))
+    log.info("rank %d/%d: final parameters sha256 %s", rank, world, state_digest(net.state_dict()))
     return {"best_valid_map": best_map, "epochs": epoch, "path": out_path}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=CONFIG, choices=list(CONFIGS), help="backbone to pretrain")
     parser.add_argument("--train", type=Path, default=PREPROCESSED_DIR / TRAIN_H5, help="CODE-15 training HDF5")
     parser.add_argument("--valid", type=Path, default=PREPROCESSED_DIR / VALID_H5, help="CODE-15 validation HDF5")
     parser.add_argument("--pretrain", default=PRETRAIN, help="checkpoint name prefix")
     parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINT_DIR, help="where the checkpoint goes")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="per process")
-    parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--patience", type=int, default=PATIENCE)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--epochs", type=int_at_least(1), default=EPOCHS)
+    parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH_SIZE, help="per process")
+    parser.add_argument("--lr", type=float_in(0), default=LR)
+    parser.add_argument("--patience", type=int_at_least(1), default=PATIENCE)
+    parser.add_argument("--seed", type=int_at_least(0), default=SEED)
+    parser.add_argument("--workers", type=int_at_least(0), default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
     return parser
 
 

@@ -1,0 +1,214 @@
+"""Interrupted runs continue exactly: SIGKILL and Ctrl-C, finished stages reloaded, the training
+history, settings that must match, several seeds summarised; and pipeline_ecg.py's stages."""
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+import pipeline_ecg
+from Half_Trainer import HalfTrainer
+from pipeline_pretrain import pretrain
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "tinylight"
+# 48 training records at batch 16: 3 iterations an epoch, 12 a stage, a validation every 2
+FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "4",
+        "--interval", "2", "--patience", "10", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4",
+        "--finetune_dataset", "WFDB_Demo", "--device", "cpu"]
+COMPARED = ("auc_roc_macro", "F1score_b", "Map_value", "best_valid_map", "iterations")
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_demo, tmp_path_factory):
+    path = pipeline_ecg.pretrained_path(tmp_path_factory.mktemp("backbone"), pipeline_ecg.PRETRAIN, CONFIG)
+    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], CONFIG, path, epochs=1, batch_size=16,
+             device=torch.device("cpu"))
+    return path
+
+
+def run_dirs(root, backbone):
+    """A fresh checkpoint and result folder under `root`, with the pretrained backbone in place."""
+    checkpoints, results = root / "checkpoints", root / "result"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(backbone, checkpoints / backbone.name)
+    return ["--checkpoint_dir", str(checkpoints), "--result_dir", str(results)]
+
+
+def argv_for(tiny_demo, dirs, *flags):
+    return [*FAST, "--preprocessed_dir", str(tiny_demo["challenge_h5"].parent), *dirs, *flags]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_demo, backbone, tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    dirs = run_dirs(tmp_path_factory.mktemp("reference"), backbone)
+    return main.main(argv_for(tiny_demo, dirs))[0], dirs
+
+
+def assert_same_numbers(result, reference):
+    for role_result, role_reference in ((result, reference), (result["teacher"], reference["teacher"])):
+        for key in COMPARED:
+            assert role_result[key] == role_reference[key], key
+        np.testing.assert_array_equal(role_result["thresholds"], role_reference["thresholds"])
+
+
+def test_sigkill_after_a_validation_then_resume_gives_the_uninterrupted_numbers(tiny_demo, backbone, uninterrupted,
+                                                                                 tmp_path):
+    reference, _ = uninterrupted
+    dirs = run_dirs(tmp_path, backbone)
+    checkpoints = Path(dirs[1])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *argv_for(tiny_demo, dirs)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("resume_*_teacher.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not list(checkpoints.glob("merged_*"))
+    assert not list(checkpoints.glob("*.tmp")) and not list(checkpoints.glob(".*.tmp"))
+
+    resumed = main.main(argv_for(tiny_demo, dirs, "--resume"))[0]
+    assert_same_numbers(resumed, reference)
+    (manifest,) = Path(dirs[3]).glob("*.run.json")
+    assert json.loads(manifest.read_text())["finished"] and not list(checkpoints.glob("resume_*"))
+
+
+def test_ctrl_c_in_the_student_leaves_the_teacher_finished_and_resumes_exactly(tiny_demo, backbone, uninterrupted,
+                                                                               tmp_path, monkeypatch, caplog):
+    reference, reference_dirs = uninterrupted
+    dirs = run_dirs(tmp_path, backbone)
+    real_step, steps = HalfTrainer.step, []
+
+    def interrupt_the_student(self, *args, **kwargs):
+        steps.append(self.args.tuning)
+        if self.args.tuning == "FT" and steps.count("FT") == 5:     # the student, after its 2nd validation
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(HalfTrainer, "step", interrupt_the_student)
+    argv = argv_for(tiny_demo, dirs)
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stop:
+        main.main(argv)
+    assert stop.value.code == 130
+    assert "--resume" in caplog.text and "every file written so far is complete" in caplog.text
+    checkpoints, results = Path(dirs[1]), Path(dirs[3])
+    assert len(list(checkpoints.glob("merged_*_teacher.pt"))) == 1
+    assert len(list(checkpoints.glob("resume_*_student.pt"))) == 1
+
+    steps.clear()
+    monkeypatch.setattr(HalfTrainer, "step", lambda self, *a, **k: (steps.append(self.args.tuning),
+                                                                    real_step(self, *a, **k))[1])
+    with caplog.at_level(logging.INFO):
+        resumed = main.main([*argv, "--resume"])[0]
+    assert "H-Tuning" not in steps and steps.count("FT") == 12 - 4   # teacher reloaded; student from iteration 4
+    assert "finished earlier, reloading" in caplog.text
+    assert_same_numbers(resumed, reference)
+
+    # the history continues across the resume: the same rows as the uninterrupted run's
+    for role in ("teacher", "student"):
+        (history,) = results.glob(f"*_{role}_history.csv")
+        (reference_history,) = Path(reference_dirs[3]).glob(f"*_{role}_history.csv")
+        rows, reference_rows = (list(csv.DictReader(open(p))) for p in (history, reference_history))
+        assert [r["iteration"] for r in rows] == ["2", "4", "6", "8", "10", "12"]
+        for row, reference_row in zip(rows, reference_rows):
+            for column in ("iteration", "train_loss", "valid_map", "lr", "coef"):
+                assert row[column] == reference_row[column], column
+        assert (rows[0]["coef"] != "") == (role == "teacher") and float(rows[-1]["seconds"]) > 0
+
+
+def test_resume_with_nothing_to_resume_or_other_settings_starts_fresh(tiny_demo, backbone, tmp_path, monkeypatch,
+                                                                      caplog):
+    dirs = run_dirs(tmp_path, backbone)
+    monkeypatch.setattr(main, "run_teacher_and_student",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(SystemExit):
+            main.main(argv_for(tiny_demo, dirs, "--resume"))
+        assert "no unfinished run" in caplog.text
+        caplog.clear()
+        with pytest.raises(SystemExit):
+            main.main(argv_for(tiny_demo, dirs, "--resume", "--zo_eps", "5e-4"))
+    assert "other settings (zo_eps: 0.001 -> 0.0005)" in caplog.text
+    assert len(list(Path(dirs[3]).glob("*.run.json"))) == 2
+
+
+def test_several_seeds_run_in_turn_and_summarise(tiny_demo, backbone, tmp_path, capsys):
+    dirs = run_dirs(tmp_path, backbone)
+    argv = argv_for(tiny_demo, dirs, "--seed", "3", "4", "--finetune_epoch", "1")
+    by_seed = main.main(argv)
+    assert list(by_seed) == [3, 4]
+    (summary_csv,) = Path(dirs[3]).glob("*seeds3-4_summary_0.csv")
+    rows = list(csv.DictReader(open(summary_csv)))
+    assert [row["model"].split()[0] for row in rows] == ["teacher", "student"]
+    student = np.array([by_seed[s][0]["auc_roc_macro"] for s in (3, 4)])
+    assert float(rows[1]["auc_roc_macro_mean"]) == pytest.approx(student.mean())
+    assert float(rows[1]["auc_roc_macro_std"]) == pytest.approx(student.std(ddof=1))
+    summary = json.loads(summary_csv.with_suffix(".json").read_text())
+    assert summary["seeds"] == [3, 4] and len(summary["summary"]) == 2
+    assert "mean ± std over seeds 3, 4" in capsys.readouterr().out
+    assert len(list(Path(dirs[3]).glob("evolution_*_seed3_0.npy"))) == 1
+    assert len(list(Path(dirs[3]).glob("evolution_*_seed4_0.npy"))) == 1
+
+
+def test_pipeline_script_stages_teacher_then_student_from_its_file(tiny_demo, backbone, tmp_path, capsys,
+                                                                   monkeypatch):
+    dirs = run_dirs(tmp_path, backbone)
+    base = argv_for(tiny_demo, dirs, "--finetune_epoch", "1")
+    base.remove("--finetune_dataset")
+    base.remove("WFDB_Demo")
+    base += ["--finetune_dataset", "WFDB_Demo"]
+    (teacher,) = main.main([*base, "--stage", "teacher", "--zo_config", "zo_sign"], pipeline=True)
+    assert teacher["role"] == "teacher" and teacher["tuning"] == "zo_sign"
+    merged = Path(teacher["checkpoint"])
+    assert merged.is_file() and merged.name.startswith("merged_") and merged.name.endswith("_teacher.pt")
+    out = capsys.readouterr().out
+    assert "teacher tinylight/zo_sign" in out and "student" not in out
+
+    trained = []
+    real_finetune = pipeline_ecg.finetune
+    monkeypatch.setattr(main, "finetune", lambda *a, **k: (trained.append(k.get("role")), real_finetune(*a, **k))[1])
+    (student,) = main.main([*base, "--stage", "student", "--teacher", str(merged)], pipeline=True)
+    assert trained == ["student"]                          # the teacher is read from its file, not trained
+    assert student["teacher"]["auc_roc_macro"] == teacher["auc_roc_macro"]
+    assert "distilled" in capsys.readouterr().out
+    (alone,) = main.main([*base, "--stage", "student", "--no-distill"], pipeline=True)
+    assert "teacher" not in alone and alone["role"] == "student"
+    written = sorted(p.name for p in Path(dirs[3]).glob("*.json") if not p.name.endswith(".run.json"))
+    assert written == ["evolution_tinylight_seed18_WFDB_Demo_student_0.json",
+                       "evolution_tinylight_seed18_WFDB_Demo_student_1.json",
+                       "zo_sign_tinylight_seed18_WFDB_Demo_teacher_0.json"]
+
+
+def test_pipeline_script_runs_as_a_script(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline_ecg.py"), "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "--stage" in proc.stdout and "--teacher" in proc.stdout
+    assert "python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage student" in proc.stdout
+
+
+def test_search_resumes_from_its_json_never_the_pickle(tiny_demo, backbone, tmp_path):
+    dirs = run_dirs(tmp_path, backbone)
+    grid = ["--zo_config", "search", "--search_zo_eps", "1e-3", "--search_bp_batch", "4", "--search_r", "4",
+            "--finetune_epoch", "1"]
+    first = main.main(argv_for(tiny_demo, dirs, *grid))
+    (npy,) = Path(dirs[3]).glob("search_*.npy")
+    npy.write_bytes(b"not a pickle: resuming must never read this file")
+    grown = [*grid[:3], "5e-4", *grid[3:]]              # one more point: the file is rewritten whole
+    again = main.main(argv_for(tiny_demo, dirs, *grown))
+    assert [e["zo_eps"] for e in again] == [1e-3, 5e-4]
+    assert again[0]["auc_roc_macro"] == first[0]["auc_roc_macro"]
+    np.testing.assert_array_equal(again[0]["thresholds"], first[0]["thresholds"])
+    assert [e["zo_eps"] for e in np.load(npy, allow_pickle=True)] == [1e-3, 5e-4]
