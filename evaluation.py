@@ -11,6 +11,9 @@ plus gathers: that is why scores must be probabilities in [0, 1]. float32 scores
 output) keep their width and sort as int32 keys, about twice as fast as int64; anything else is
 scored as float64.
 
+challenge_score gives the PhysioNet/CinC Challenge 2021 score of thresholded predictions, with its
+weight table's partial credit for clinically close mistakes, from one (N, classes) matrix product.
+
 Conventions for degenerate cases:
 - AUROC and AP are undefined for a class with no positives (AP, AUROC) or no negatives (AUROC):
   that class's entry is NaN and the macro means skip NaN entries (NaN only if every class is).
@@ -21,17 +24,25 @@ Conventions for degenerate cases:
 """
 import numpy as np
 
+from helper_code import CHALLENGE_CLASS_OF, CHALLENGE_WEIGHTS_80THS
+
 BETA = 2
 DEFAULT_THRESHOLD = 0.5      # thresholds=None: scores are probabilities
 KEY_DTYPE = {np.float32: np.int32, np.float64: np.int64}   # the sort key of each score width
+CHALLENGE_WEIGHTS = np.array(CHALLENGE_WEIGHTS_80THS, dtype=np.float64) / 80
+SINUS_RHYTHM = "426783006"   # the Challenge score's baseline model predicts it alone for every recording
+
+
+def _check_shapes(labels, other, other_name):
+    if labels.ndim != 2 or labels.shape != other.shape:
+        raise ValueError(f"labels and {other_name} must both be (samples, classes); got {labels.shape} and {other.shape}")
 
 
 def _check(labels, scores):
     labels = np.asarray(labels)
     scores = np.asarray(scores)
     scores = scores if scores.dtype.type in KEY_DTYPE else scores.astype(np.float64)
-    if labels.ndim != 2 or labels.shape != scores.shape:
-        raise ValueError(f"labels and scores must both be (samples, classes); got {labels.shape} and {scores.shape}")
+    _check_shapes(labels, scores, "scores")
     if scores.size and not (scores.min() >= 0 and scores.max() <= 1):   # NaN fails both comparisons
         if not np.isfinite(scores).all():
             raise ValueError(f"scores hold {np.size(scores) - np.isfinite(scores).sum()} non-finite values (NaN/inf)")
@@ -252,3 +263,65 @@ def evaluate(labels, scores, thresholds=None, beta=BETA):
         "thresholds": thresholds,
         "beta": beta,
     }
+
+
+def _as_binary(name, values):
+    """values (0/1 or bool) as bool, or a clear error at the first entry that is neither."""
+    if values.dtype == bool:
+        return values
+    not_binary = (values != 0) & (values != 1)
+    if not_binary.any():
+        row, column = np.argwhere(not_binary)[0]
+        raise ValueError(f"{name} must be binary (0/1 or bool): {np.count_nonzero(not_binary)} entries are not, "
+                         f"the first is {values[row, column]} at row {row}, column {column}")
+    return values == 1
+
+
+def challenge_score(labels, predictions, class_codes):
+    """The PhysioNet/CinC Challenge 2021 score of binary predictions against binary labels, both (N, C),
+    whose columns are the SNOMED CT codes `class_codes`.
+
+    Scored over the Challenge classes the codes cover (equivalent codes merged: a merged class is
+    positive where any of its codes is). A recording with n classes positive in its labels or its
+    predictions (n >= 1) earns weight[j, k] / n for every true class j and predicted class k. The sum
+    over recordings is normalised so that predicting exactly the labels scores 1 and predicting sinus
+    rhythm alone everywhere scores 0 (0 when those two are equal).
+
+    Recording i's credit is (labels_i @ weights) . predictions_i / n_i, so the one matrix product
+    labels @ weights (N, classes) serves the model, the labels and the sinus-rhythm baseline alike.
+    """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    _check_shapes(labels, predictions, "predictions")
+    labels, predictions = _as_binary("labels", labels), _as_binary("predictions", predictions)
+    class_codes = [str(code) for code in class_codes]
+    if len(class_codes) != labels.shape[1]:
+        raise ValueError(f"class_codes must name every column: {len(class_codes)} codes for {labels.shape[1]} classes")
+    unknown = [code for code in class_codes if code not in CHALLENGE_CLASS_OF]
+    if unknown:
+        raise ValueError(f"class codes not in the Challenge 2021 weight table: {', '.join(unknown)}")
+    table_index, first_column, column_class = np.unique([CHALLENGE_CLASS_OF[code] for code in class_codes],
+                                                        return_index=True, return_inverse=True)
+    sinus = np.flatnonzero(table_index == CHALLENGE_CLASS_OF[SINUS_RHYTHM])
+    if not sinus.size:
+        raise ValueError(f"the Challenge score is undefined without sinus rhythm ({SINUS_RHYTHM}) among the "
+                         f"class codes: {', '.join(class_codes)}")
+    labels, predictions = (_merge_equivalent(values, first_column, column_class) for values in (labels, predictions))
+    inactive = np.zeros_like(labels)
+    inactive[:, sinus[0]] = True
+    credit_rates = labels.astype(np.float64) @ CHALLENGE_WEIGHTS[np.ix_(table_index, table_index)]
+
+    def credit(guesses):
+        n = np.maximum(np.count_nonzero(labels | guesses, axis=1), 1)
+        return float(np.sum((credit_rates * guesses).sum(axis=1) / n))
+
+    observed, correct, baseline = credit(predictions), credit(labels), credit(inactive)
+    return 0.0 if correct == baseline else (observed - baseline) / (correct - baseline)
+
+
+def _merge_equivalent(values, first_column, column_class):
+    """One bool column per Challenge class, positive where any of its codes' columns is: the first
+    column of each class, OR-ed with the few columns of equivalent codes."""
+    merged = values[:, first_column]
+    for column in np.setdiff1d(np.arange(values.shape[1]), first_column):
+        merged[:, column_class[column]] |= values[:, column]
+    return merged

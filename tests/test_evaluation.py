@@ -142,3 +142,164 @@ def test_float32_scores_score_exactly_as_their_float64_values():
         np.testing.assert_array_equal(narrow_result[key], value, err_msg=key)
     auc = [metrics.roc_auc_score(labels[:, k], wide[:, k]) for k in range(4)]
     np.testing.assert_allclose(narrow_result["auc_roc_per_class"][:4], auc, atol=1e-12)
+
+
+# --- PhysioNet/CinC Challenge 2021 score --------------------------------------------------------
+NSR, AF, AFL, CRBBB, RBBB = "426783006", "164889003", "164890007", "713427006", "59118001"
+
+
+def test_challenge_weights_equal_the_official_table(shared_data):
+    import csv
+    import helper_code
+
+    with open(shared_data / "weights.csv", newline="") as table:
+        rows = list(csv.reader(table))
+    header = rows[0][1:]
+    assert tuple(header) == helper_code.CHALLENGE_CLASSES
+    assert [row[0] for row in rows[1:]] == header
+    assert [[float(text) for text in row[1:]] for row in rows[1:]] == \
+        [[eightieths / 80 for eightieths in row] for row in helper_code.CHALLENGE_WEIGHTS_80THS]
+    np.testing.assert_array_equal(evaluation.CHALLENGE_WEIGHTS, [[float(text) for text in row[1:]] for row in rows[1:]])
+
+
+def test_every_scored_code_has_a_challenge_class():
+    """The 30 scored codes are the 26 classes with the 4 equivalent pairs split."""
+    import helper_code
+
+    assert sorted(helper_code.CHALLENGE_CLASS_OF) == sorted(code for code, _, _, _ in helper_code.SCORED_LABELS)
+    assert sorted(set(helper_code.CHALLENGE_CLASS_OF.values())) == list(range(26))
+
+
+def test_challenge_score_hand_computed_with_merged_pair():
+    # columns NSR, CRBBB, RBBB, AF; CRBBB and RBBB are one class, so the classes are AF, RBBB, NSR with
+    # weights AF-RBBB 0.4, AF-NSR 0.25, RBBB-NSR 0.35 (1 on the diagonal)
+    codes = [NSR, CRBBB, RBBB, AF]
+    labels = np.array([[0, 1, 0, 0],     # CRBBB
+                       [0, 0, 0, 1],     # AF
+                       [1, 1, 1, 0]])    # NSR + both RBBB codes = {NSR, RBBB}
+    predictions = np.array([[0, 0, 1, 0],   # RBBB: the same class, n = 1: 1
+                            [1, 0, 0, 0],   # NSR: n = 2 (AF, NSR): 0.25 / 2 = 0.125
+                            [1, 0, 0, 0]])  # NSR: n = 2: (NSR,NSR) 1/2 + (RBBB,NSR) 0.35/2 = 0.675
+    observed = 1 + 0.125 + 0.675                         # 1.8
+    # correct: 1 + 1 + (1 + 0.35 + 0.35 + 1) / 2 = 3.35
+    correct = 1 + 1 + 2.7 / 2
+    # inactive (NSR alone): RBBB vs NSR 0.35/2 + AF vs NSR 0.25/2 + third as predicted 0.675 = 0.975
+    inactive = 0.175 + 0.125 + 0.675
+    expected = (observed - inactive) / (correct - inactive)   # 0.825 / 2.375
+    assert evaluation.challenge_score(labels, predictions, codes) == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.825 / 2.375)
+    # the same recordings with the pair merged by hand into one RBBB column score the same
+    merged_labels = np.array([[0, 1, 0], [0, 0, 1], [1, 1, 0]])
+    merged_predictions = np.array([[0, 1, 0], [1, 0, 0], [1, 0, 0]])
+    assert evaluation.challenge_score(merged_labels, merged_predictions, [NSR, RBBB, AF]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_challenge_score_partial_credit_from_off_diagonal_weight():
+    # columns NSR, AF, AFL; AF-AFL 0.5, AF-NSR 0.25
+    labels = np.array([[0, 1, 0], [1, 0, 0]])
+    predictions = np.array([[0, 0, 1], [1, 0, 0]])
+    # observed: AF called AFL, n = 2: 0.5/2 = 0.25; NSR right: 1 -> 1.25; correct 2
+    # inactive: AF vs NSR, n = 2: 0.25/2 = 0.125; NSR right: 1 -> 1.125
+    # score = (1.25 - 1.125) / (2 - 1.125) = 0.125 / 0.875 = 1/7
+    assert evaluation.challenge_score(labels, predictions, [NSR, AF, AFL]) == pytest.approx(1 / 7, abs=1e-12)
+    # calling AF sinus rhythm instead earns only what the inactive model does: 0
+    assert evaluation.challenge_score(labels, [[1, 0, 0], [1, 0, 0]], [NSR, AF, AFL]) == 0.0
+
+
+def test_challenge_score_perfect_and_inactive_models():
+    rng = np.random.default_rng(7)
+    codes = [AF, NSR, CRBBB, AFL, RBBB, "270492004"]
+    labels = rng.random((200, len(codes))) < 0.3
+    assert evaluation.challenge_score(labels, labels, codes) == 1.0
+    inactive = np.zeros_like(labels)
+    inactive[:, 1] = True
+    assert evaluation.challenge_score(labels, inactive, codes) == 0.0
+    # predicting everything everywhere is worse than predicting the labels
+    assert evaluation.challenge_score(labels, np.ones_like(labels), codes) < 1.0
+
+
+def test_challenge_score_is_zero_when_correct_equals_inactive():
+    # every recording is sinus rhythm alone or unlabelled: predicting the labels earns what NSR alone
+    # earns (1 per NSR recording, 0 per unlabelled one), so any model scores 0
+    labels = np.array([[1, 0], [0, 0], [1, 0]])
+    for predictions in ([[0, 1], [1, 1], [1, 0]], labels):
+        assert evaluation.challenge_score(labels, predictions, [NSR, AF]) == 0.0
+
+
+def test_challenge_score_ignores_column_order():
+    rng = np.random.default_rng(8)
+    codes = np.array([NSR, AF, AFL, CRBBB, RBBB, "164909002", "733534002"])
+    labels, predictions = rng.random((2, 50, len(codes))) < 0.3
+    order = rng.permutation(len(codes))
+    assert evaluation.challenge_score(labels[:, order], predictions[:, order], codes[order]) == \
+        pytest.approx(evaluation.challenge_score(labels, predictions, codes), abs=1e-12)
+
+
+def loop_challenge_score(labels, predictions, class_codes):
+    """The Challenge score written out recording by recording, pair by pair, from the table."""
+    import helper_code
+
+    row_of = {code: i for i, merged in enumerate(helper_code.CHALLENGE_CLASSES) for code in merged.split("|")}
+    classes = sorted({row_of[code] for code in class_codes})
+
+    def merged(row):
+        return [any(row[c] for c, code in enumerate(class_codes) if row_of[code] == k) for k in classes]
+
+    def credit(guesses):
+        total = 0.0
+        for truth, guess in zip(labels, guesses):
+            truth, guess = merged(truth), merged(guess)
+            n = max(1, sum(t or g for t, g in zip(truth, guess)))
+            for j, true_class in enumerate(classes):
+                for k, predicted_class in enumerate(classes):
+                    if truth[j] and guess[k]:
+                        total += helper_code.CHALLENGE_WEIGHTS_80THS[true_class][predicted_class] / 80 / n
+        return total
+
+    sinus_only = [[code == NSR for code in class_codes]] * len(labels)
+    observed, correct, inactive = credit(predictions), credit(labels), credit(sinus_only)
+    return 0.0 if correct == inactive else (observed - inactive) / (correct - inactive)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_challenge_score_equals_loop_over_recordings(seed):
+    rng = np.random.default_rng(seed)
+    codes = [NSR, CRBBB, RBBB, "284470004", "63593006", AF, AFL, "164909002", "733534002", "270492004"]
+    labels = rng.random((120, len(codes))) < rng.uniform(0.05, 0.4, len(codes))
+    labels[:5] = False                                     # unlabelled recordings: n stays 1
+    noise = rng.random(labels.shape) < 0.15
+    predictions = (labels ^ noise).astype(np.float32)      # 0/1 floats are binary too
+    expected = loop_challenge_score(labels, predictions, codes)
+    assert evaluation.challenge_score(labels.astype(int), predictions, codes) == pytest.approx(expected, rel=1e-12)
+
+
+def test_challenge_score_works_for_every_dataset_class_list():
+    import helper_code
+
+    rng = np.random.default_rng(9)
+    for dataset in [*helper_code.DATASET_SOURCE, helper_code.DEMO_DATASET]:
+        codes = helper_code.dataset_classes(dataset)
+        assert NSR in codes, dataset
+        labels = rng.random((300, len(codes))) < 0.2
+        predictions = labels ^ (rng.random(labels.shape) < 0.1)
+        assert evaluation.challenge_score(labels, labels, codes) == 1.0, dataset
+        assert evaluation.challenge_score(labels, predictions, codes) == \
+            pytest.approx(loop_challenge_score(labels, predictions, codes), rel=1e-12), dataset
+
+
+def test_challenge_score_bad_inputs_say_what_is_wrong():
+    labels = np.array([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="sinus rhythm"):
+        evaluation.challenge_score(labels, labels, [AF, AFL])
+    with pytest.raises(ValueError, match="not in the Challenge 2021 weight table: 12345, 55827005"):
+        evaluation.challenge_score(np.zeros((2, 4)), np.zeros((2, 4)), [NSR, "12345", AF, "55827005"])
+    with pytest.raises(ValueError, match="3 codes for 2 classes"):
+        evaluation.challenge_score(labels, labels, [NSR, AF, AFL])
+    with pytest.raises(ValueError, match="labels and predictions must both be"):
+        evaluation.challenge_score(labels, labels[:, :1], [NSR, AF])
+    with pytest.raises(ValueError, match=r"labels must be binary.*1 entries are not, the first is 0\.5 at row 1, column 0"):
+        evaluation.challenge_score([[1, 0], [0.5, 1]], labels, [NSR, AF])
+    with pytest.raises(ValueError, match="predictions must be binary"):
+        evaluation.challenge_score(labels, [[2, 0], [0, 1]], [NSR, AF])
+    with pytest.raises(ValueError, match="predictions must be binary"):
+        evaluation.challenge_score(labels, [[np.nan, 0], [0, 1]], [NSR, AF])
