@@ -79,9 +79,10 @@ DEMO_PRETRAIN = dict(epochs=1, batch_size=32, lr=0.002, patience=1)
 MODES = {"evolution": "H-Tuning", "FT": "FT", "purebp": "bp", "zo": "zo", "zo_sign": "zo_sign", "search": "H-Tuning"}
 STAGES = ("both", "teacher", "student")
 TABLE_FIGURES = (("macro AUROC", "auc_roc_macro", "{:.4f}"), ("F-beta", "F1score_b", "{:.4f}"),
-                 ("mAP", "Map_value", "{:.2f}"), ("trainable", "trainable_num", "{:,}"),
+                 ("mAP", "Map_value", "{:.2f}"), ("Challenge", "challenge_score", "{:.4f}"),
+                 ("trainable", "trainable_num", "{:,}"),
                  ("peak MiB", "memory", "{:.1f}"), ("s/iter", "time", "{:.3f}"))
-SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "memory", "time")
+SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time")
 CHALLENGE_DATA = "https://physionet.org/content/challenge-2021/1.0.3/training/"
 # settings that say where files go, how fast a run goes, or which run to continue: never its numbers
 RUN_LOCATION = ("checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume")
@@ -254,7 +255,8 @@ def format_table(title, rows, figures=TABLE_FIGURES):
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"== {title} ==", f"{'model':<{width}}" + "".join(f"{name:>13}" for name, _, _ in figures)]
     for label, result in rows:
-        lines.append(f"{label:<{width}}" + "".join(f"{fmt.format(result[key]):>13}" for _, key, fmt in figures))
+        lines.append(f"{label:<{width}}" + "".join(f"{fmt.format(result.get(key, np.nan)):>13}"
+                                                   for _, key, fmt in figures))
     return "\n".join(lines)
 
 

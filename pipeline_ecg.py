@@ -264,6 +264,16 @@ def load_merged(path, device):
     return _result_from_tensors(saved["result"]), net.to(device).eval(), model["class_codes"]
 
 
+def challenge_score(labels, predictions, class_codes):
+    """The Challenge 2021 score of thresholded predictions, or NaN (with the reason logged) where the
+    classes are not SNOMED codes of the Challenge table, as in a file converted without them."""
+    try:
+        return evaluation.challenge_score(labels > 0.5, predictions, class_codes)
+    except ValueError as error:
+        log.warning("no Challenge 2021 score: %s", error)
+        return float("nan")
+
+
 def write_history(path, rows):
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
@@ -419,6 +429,7 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     thresholds = evaluation.find_thresholds(*predict(net, valid_loader, device, cfg.leads))
     labels, scores = predict(net, test_loader, device, cfg.leads)
     result = evaluation.evaluate(labels, scores, thresholds=thresholds)
+    result["challenge_score"] = challenge_score(labels, scores >= thresholds, data.class_codes)
     result.update(trainable_num=trainable_num, memory=peak.peak_mb,
                   time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
                   best_valid_map=progress.best_map, role=role, config=cfg.config, tuning=cfg.tuning,

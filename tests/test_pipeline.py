@@ -53,6 +53,7 @@ def test_each_mode_runs_end_to_end(mode, tuning, tiny_demo, backbones, tmp_path,
         assert 0.0 <= result["auc_roc_macro"] <= 1.0 and 0.0 <= result["Map_value"] <= 100.0
         assert result["trainable_num"] > 0 and result["memory"] >= 0 and result["time"] > 0
         assert len(result["auc_roc_per_class"]) == len(result["thresholds"]) == 7
+        assert np.isfinite(result["challenge_score"]) and result["challenge_score"] <= 1.0
     full = sum(p.numel() for p in build_model(CONFIG, 7).parameters())
     assert student["trainable_num"] == full
     assert (teacher["trainable_num"] == full) == (mode == "FT")
@@ -60,6 +61,7 @@ def test_each_mode_runs_end_to_end(mode, tuning, tiny_demo, backbones, tmp_path,
     assert reloaded[0]["teacher"]["auc_roc_macro"] == pytest.approx(teacher["auc_roc_macro"])
     table = capsys.readouterr().out
     assert "WFDB_Demo" in table and "teacher" in table and "student" in table and "macro AUROC" in table
+    assert "Challenge" in table and reloaded[0]["challenge_score"] == pytest.approx(student["challenge_score"])
 
 
 def test_runs_never_overwrite_and_reduced_leads_without_teacher(tiny_demo, backbones, tmp_path):

@@ -156,6 +156,8 @@ def test_several_seeds_run_in_turn_and_summarise(tiny_demo, backbone, tmp_path, 
     student = np.array([by_seed[s][0]["auc_roc_macro"] for s in (3, 4)])
     assert float(rows[1]["auc_roc_macro_mean"]) == pytest.approx(student.mean())
     assert float(rows[1]["auc_roc_macro_std"]) == pytest.approx(student.std(ddof=1))
+    challenge = np.array([by_seed[s][0]["challenge_score"] for s in (3, 4)])
+    assert float(rows[1]["challenge_score_mean"]) == pytest.approx(challenge.mean())
     summary = json.loads(summary_csv.with_suffix(".json").read_text())
     assert summary["seeds"] == [3, 4] and len(summary["summary"]) == 2
     assert "mean ± std over seeds 3, 4" in capsys.readouterr().out
