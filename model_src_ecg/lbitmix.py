@@ -57,7 +57,7 @@ class LBiTMixConfig:
 
 
 LBITMIX_CONFIGS = {
-    "lbitmix-tiny": LBiTMixConfig(stem_channels=32, width=64, dilations=(1, 2, 4, 8)),
+    "lbitmix-tiny": LBiTMixConfig(stem_channels=48, width=96, dilations=(1, 2, 4, 8)),
     "lbitmix": LBiTMixConfig(stem_channels=64, width=256, dilations=(1, 2, 4, 8) * 2, expansion=4),
 }
 
