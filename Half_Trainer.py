@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradient_pruning import drop_random_
+from model_src_ecg import belongs_to_heads
 
 COEF_EARLY, COEF_LATE, COEF_SWITCH = 0.99, 0.9, 0.2   # c while current/total < 0.2, then 0.9
 NORM_EPS = 1e-6
@@ -44,24 +45,34 @@ def mixing_coefficient(current, total):
 
 
 def zo_parameters(model):
-    """The ZO set: trainable parameters outside both heads, in a fixed (named) order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+    """The ZO set: trainable parameters of the trunk, in a fixed (named) order.
+
+    The rule, for any backbone family: the heads are the top-level children named `classifier`
+    and `auxiliary_classifier` (model_src_ecg.HEAD_NAMES); they are FO-only, everything else
+    trainable is in the ZO set.
+    """
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and not belongs_to_heads(n)]
+
+
+def head_parameters(model):
+    """Trainable parameters of the two heads: the complement of the ZO set among trainable ones."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and belongs_to_heads(n)]
 
 
 @contextlib.contextmanager
 def module_modes(model, phase):
     """Set the modules' modes for `phase` ("zo" or "fo"), then restore every module's own mode.
 
-    zo: everything in eval mode except the norm layers of the encoder and transformer, which stay
-    in train mode (they normalise by the batch). fo: train mode with BatchNorm in eval mode.
+    zo: every normalisation layer of the trunk (any module outside the heads, see zo_parameters)
+    in train mode, since it normalises by the batch; everything else, the heads included, in eval
+    mode. fo: train mode with BatchNorm in eval mode.
     """
     saved = [(m, m.training) for m in model.modules()]
     if phase == "zo":
         model.eval()
-        for part in (model.encoder_layers, model.transformer_layers):
-            for m in part.modules():
-                if isinstance(m, NORM_LAYERS):
-                    m.train()
+        for name, m in model.named_modules():
+            if isinstance(m, NORM_LAYERS) and not belongs_to_heads(name):
+                m.train()
     else:
         model.train()
         for m in model.modules():
@@ -94,7 +105,7 @@ class HalfTrainer:
         named = zo_parameters(model)
         self.zo_names = [n for n, _ in named]
         self.zo_params = [p for _, p in named]
-        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+        self.head_params = head_parameters(model)
         if not self.zo_params:
             raise ValueError("no trainable parameter outside the heads: nothing for the ZO estimate")
         device, dtype = self.zo_params[0].device, self.zo_params[0].dtype

@@ -435,11 +435,13 @@ def metrics_section(args):
 INFERENCE_REPEATS = 20
 
 
-def _inference_figures(config, device, batch, repeats):
+def _inference_figures(config, device, batch, repeats, threads):
     """Deployed-model inference in this (fresh) process: a merged LoRA model costs what an r=0 one does.
 
     Peak memory covers building the model and the first forward (weights + activations, what a
-    deployment needs); latency is the median of `repeats` forwards after it, per record.
+    deployment needs); latency per record is the median, and the best, of `repeats` forwards after
+    it (the best is what the model costs when nothing else competes for the cores). `threads`:
+    intra-op threads on CPU (None: torch's default).
     """
     import statistics
 
@@ -448,6 +450,8 @@ def _inference_figures(config, device, batch, repeats):
     from helper_code import PeakMemory
     from model_src_ecg import build_model
 
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     with PeakMemory(device) as peak, torch.no_grad():
         net = build_model(config, MODEL_NUM_CLASS).to(device).eval()
@@ -455,32 +459,41 @@ def _inference_figures(config, device, batch, repeats):
         net(x)
     with torch.no_grad():
         times, _ = _timed_calls(lambda i: net(x), repeats, device)
-    return {"ms_per_record": 1000 * statistics.median(times) / batch, "peak_mb": peak.peak_mb,
-            "parameters": sum(p.numel() for p in net.parameters())}
+    return {"ms_per_record": 1000 * statistics.median(times) / batch, "best_ms_per_record": 1000 * min(times) / batch,
+            "peak_mb": peak.peak_mb, "parameters": sum(p.numel() for p in net.parameters())}
 
 
 @section("inference")
 def inference_section(args):
-    """Fine-tuned teacher vs distilled student at inference: latency per record and peak memory.
+    """Fine-tuned teacher vs distilled student(s) at inference: latency per record and peak memory.
 
-    Teacher: medium on a GPU, base on a CPU (--config to change); student: tinylight. Each runs in
-    its own subprocess so one's freed memory cannot hide the other's peak. Default batch 1 (one
-    record at a time, as deployed).
+    Teacher: medium on a GPU, base on a CPU (--config to change); students: tinylight, or the
+    configs named by --student-config (several compare side by side; each later one is also
+    timed against the first, `best_vs_first_student`). Each model runs in its own subprocess so
+    one's freed memory cannot hide another's peak. Default batch 1 (one record at a time, as
+    deployed); --threads 1 times one CPU thread.
     """
     from helper_code import get_device
 
     device = get_device(args.device)
     batch, repeats = args.batch or 1, args.repeats or INFERENCE_REPEATS
     if args.method:
-        return {args.method: _inference_figures(args.method, device, batch, repeats)}
-    configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base"), "student": "tinylight"}
-    log.info("inference: teacher %s vs student %s on %s, batch %d", configs["teacher"], configs["student"], device, batch)
+        return {args.method: _inference_figures(args.method, device, batch, repeats, args.threads)}
+    students = args.student_config or ["tinylight"]
+    configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base")}
+    configs.update({"student" if len(students) == 1 else f"student {name}": name for name in students})
+    log.info("inference: teacher %s vs student(s) %s on %s, batch %d", configs["teacher"], ", ".join(students),
+             device, batch)
+    options = ["--device", str(device), "--batch", str(batch), "--repeats", str(repeats)]
     by_config = _measure_in_fresh_processes("inference", list(dict.fromkeys(configs.values())),
-                                            ["--device", str(device), "--batch", str(batch), "--repeats", str(repeats)])
+                                            options + (["--threads", str(args.threads)] if args.threads else []))
     results = {role: dict(by_config[config]) for role, config in configs.items()}
-    teacher, student = results["teacher"], results["student"]
-    student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
-    student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
+    teacher, first = results["teacher"], by_config[students[0]]
+    for role in list(results)[1:]:
+        student = results[role]
+        student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
+        student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
+        student["best_vs_first_student"] = student["best_ms_per_record"] / first["best_ms_per_record"]
     return results
 
 
@@ -624,13 +637,16 @@ def step_section(args):
 
 def build_parser():
     from helper_code import FlagParser, int_at_least
-    from model_src_ecg import CONFIGS
+    from model_src_ecg import MODEL_CONFIGS
 
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=list(SECTIONS), help="which measurement to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
-    parser.add_argument("--config", default=None, choices=list(CONFIGS), help="model config (default: per section)")
+    parser.add_argument("--config", default=None, choices=list(MODEL_CONFIGS), help="model config (default: per section)")
+    parser.add_argument("--student-config", nargs="+", default=None, choices=list(MODEL_CONFIGS),
+                        help="student config(s) to compare (inference section; default tinylight)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op CPU threads (inference section)")
     parser.add_argument("--batch", type=int_at_least(1), default=None, help="batch size (default: per section)")
     parser.add_argument("--bp-batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")
     parser.add_argument("--records", type=int_at_least(1), default=None, help="records to convert (data section)")

@@ -27,7 +27,8 @@ import numpy as np
 from datacollection import DATASETS, find_dataset_h5, load_experiment_datasets, make_demo
 from helper_code import (DEMO_DATASET, REPO_ROOT, FlagParser, atomic_path, float_in, get_device, int_at_least,
                          settings_differences, settings_digest, setup_logging, to_jsonable)
-from model_src_ecg import CONFIGS
+import pipeline_ecg
+from model_src_ecg import MODEL_CONFIGS
 from pipeline_ecg import (NOT_AFFECTING_RESULTS, RunConfig, check_pretrained, finetune, load_merged, pretrained_path,
                           run_teacher_and_student)
 
@@ -92,8 +93,6 @@ SEARCH_GRID_FIELDS = ("zo_eps", "bp_batch", "r")
 def build_parser(pipeline=False):
     """One flag per constant above, checked as it is parsed; flags not given are absent from the
     namespace. pipeline=True: pipeline_ecg.py's flags (one dataset, one seed, --stage, --teacher)."""
-    import pipeline_ecg
-
     parser = FlagParser(prog="pipeline_ecg.py" if pipeline else "main.py",
                         description=pipeline_ecg.__doc__ if pipeline else __doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -110,8 +109,8 @@ def build_parser(pipeline=False):
     else:
         add("--finetune_dataset", nargs="+", choices=datasets, help="datasets to run, in order (default: the four)")
         add("--seed", nargs="+", type=int_at_least(0), help=f"one or more seeds, run in turn (default {seed})")
-    add("--config", choices=list(CONFIGS), help=f"teacher backbone (default {config})")
-    add("--student_config", choices=list(CONFIGS), help=f"student backbone (default {student_config})")
+    add("--config", choices=list(MODEL_CONFIGS), help=f"teacher backbone (default {config})")
+    add("--student_config", choices=list(MODEL_CONFIGS), help=f"student backbone (default {student_config})")
     for name, low in (("r", 0), ("batch_size", 1), ("finetune_epoch", 1), ("interval", 1), ("patience", 1),
                       ("q", 1), ("bp_batch", 1), ("workers", 0)):
         add(f"--{name}", type=int_at_least(low), help=f"default {globals()[name]}")

@@ -25,7 +25,7 @@ from Half_Trainer import compute_loss
 from helper_code import (REPO_ROOT, FlagParser, atomic_path, float_in, get_device, int_at_least, seed_everything,
                          setup_logging, state_digest)
 from datacollection import ECGH5Dataset
-from model_src_ecg import CONFIGS, build_model
+from model_src_ecg import MODEL_CONFIGS, build_model
 from pipeline_ecg import CHECKPOINT_DIR, PRETRAIN, WEIGHT_DECAY, mean_average_precision, predict, pretrained_path, \
     warmup_linear_decay
 
@@ -135,7 +135,7 @@ def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, ba
 
 def build_parser():
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=CONFIG, choices=list(CONFIGS), help="backbone to pretrain")
+    parser.add_argument("--config", default=CONFIG, choices=list(MODEL_CONFIGS), help="backbone to pretrain")
     parser.add_argument("--train", type=Path, default=PREPROCESSED_DIR / TRAIN_H5, help="CODE-15 training HDF5")
     parser.add_argument("--valid", type=Path, default=PREPROCESSED_DIR / VALID_H5, help="CODE-15 validation HDF5")
     parser.add_argument("--pretrain", default=PRETRAIN, help="checkpoint name prefix")

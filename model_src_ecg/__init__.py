@@ -1,9 +1,12 @@
-"""ECG backbone with LoRA adapters, checkpoint loading, and batch augmentation."""
+"""ECG backbones (NN_default, L-BiTMix) with LoRA adapters, checkpoint loading, and batch augmentation."""
 from .augment import cutmix, mask_leads
-from .backbone import (CONFIGS, NN_default, adapter_state_dict, build_model, is_lora_trainable,
+from .backbone import (CONFIGS, MODEL_CONFIGS, NN_default, adapter_state_dict, build_model, is_lora_trainable,
                        load_adapter_state, load_pretrained, mark_only_lora_as_trainable)
+from .heads import HEAD_NAMES, TwoHeadNet, belongs_to_heads
+from .lbitmix import LBITMIX_CONFIGS, LBiTMix, receptive_field
 from .lora import LoRAConv2d, LoRALinear, LoRAQKV
 
-__all__ = ["CONFIGS", "NN_default", "build_model", "load_pretrained", "mark_only_lora_as_trainable",
-           "is_lora_trainable", "adapter_state_dict", "load_adapter_state", "cutmix", "mask_leads",
+__all__ = ["CONFIGS", "MODEL_CONFIGS", "LBITMIX_CONFIGS", "NN_default", "LBiTMix", "TwoHeadNet", "HEAD_NAMES",
+           "build_model", "load_pretrained", "mark_only_lora_as_trainable", "is_lora_trainable", "belongs_to_heads",
+           "adapter_state_dict", "load_adapter_state", "receptive_field", "cutmix", "mask_leads",
            "LoRAConv2d", "LoRALinear", "LoRAQKV"]

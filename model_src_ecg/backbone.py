@@ -1,4 +1,5 @@
-"""The ECG backbone NN_default (conv encoder -> causal transformer -> two heads) and its checkpoints.
+"""The ECG backbone NN_default (conv encoder -> causal transformer -> two heads), the registry of
+named configs of every family (`build_model`), and checkpoints.
 
 Parameter and buffer names match the published CODE-15 checkpoints key for key, so a
 published file loads by name; the LoRA adapters sit beside the weights they update.
@@ -11,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import InputMajorLinear, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKV
+from .heads import TwoHeadNet
+from .lbitmix import LBITMIX_CONFIGS, build_lbitmix
+from .lora import InputMajorLinear, LoRAConv2d, LoRALinear, LoRAQKV
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class TransformerLayer(nn.Module):
         return x + self.fc2(F.leaky_relu(self.fc1(self.norm2(x))))
 
 
-class NN_default(nn.Module):
+class NN_default(TwoHeadNet):
     """Backbone with a main head and a gating auxiliary head ("any label present").
 
     rank_list holds one LoRA rank per counted layer, in order: the 9 encoder convs (block by
@@ -139,16 +142,12 @@ class NN_default(nn.Module):
         self.transformer_layers = nn.ModuleList(
             TransformerLayer(width, attn_ranks[LAYERS_PER_TRANSFORMER * j:LAYERS_PER_TRANSFORMER * (j + 1)])
             for j in range(num_transformer))
-        self.classifier = nn.Sequential(LoRALinear(width, width, r=head_rank), nn.Linear(width, nOUT))
-        self.auxiliary_classifier = nn.Sequential(LoRALinear(width, width // 2, r=head_rank), nn.LeakyReLU(),
-                                                  nn.Linear(width // 2, 1))
-        self.positive_probably = positive_probably
+        self.add_heads(width, nOUT, head_rank, positive_probably)
         self.fused_attention = True
 
     def feature_extraction(self, x):
         """(B, inputchannel, 1, L) -> (B, width): encoder, tokens + positions, transformer, max over tokens."""
-        if x.dim() != 4 or x.shape[1] != self.inputchannel or x.shape[2] != 1:
-            raise ValueError(f"expected input (batch, {self.inputchannel}, 1, samples), got {tuple(x.shape)}")
+        self.check_input(x)
         samples = x.shape[-1]
         if samples % DOWNSAMPLE or not 0 < samples // DOWNSAMPLE <= NUM_TOKENS:
             raise ValueError(f"samples per lead must be a multiple of {DOWNSAMPLE} up to "
@@ -160,38 +159,23 @@ class NN_default(nn.Module):
             tokens = layer(tokens, self.fused_attention)
         return tokens.max(dim=1).values
 
-    def forward(self, x):
-        return self.heads(self.feature_extraction(x))
 
-    def heads(self, features):
-        """(aux, main) from features; split from forward so a step can train the heads on frozen features."""
-        aux = self.auxiliary_classifier(features)
-        main = self.classifier(features)
-        # Same values; gradient reaches the main head only through rows the aux head calls abnormal.
-        gate = (torch.sigmoid(aux) > self.positive_probably).to(main.dtype)
-        main = gate * main + (1 - gate) * main.detach()
-        return aux, main
-
-    def lora_layers(self):
-        return [m for m in self.modules() if isinstance(m, LoRALayer) and m.r > 0]
-
-    @property
-    def merged(self):
-        return any(layer.merged for layer in self.lora_layers())
-
-    def merge_net(self):
-        """Fold every adapter into its weight (once; calling again changes nothing)."""
-        for layer in self.lora_layers():
-            layer.merge()
-
-
-def build_model(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
+def build_nn_default(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
     """NN_default of a named config; r is one rank for every layer or a list of num_layers ranks."""
-    if config not in CONFIGS:
-        raise ValueError(f"unknown model config {config!r}; choose from: {', '.join(CONFIGS)}")
     num_layers, width = CONFIGS[config]
     rank_list = [r] * num_layers if isinstance(r, int) else list(r)
     return NN_default(num_class, width, inputchannel, num_layers, rank_list, positive_probably)
+
+
+# Every named config of every family -> the function that builds it: the one registry.
+MODEL_CONFIGS = {**dict.fromkeys(CONFIGS, build_nn_default), **dict.fromkeys(LBITMIX_CONFIGS, build_lbitmix)}
+
+
+def build_model(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
+    """The backbone of a named config (any family); r is one rank for every layer or a list, one per layer."""
+    if config not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model config {config!r}; choose from: {', '.join(MODEL_CONFIGS)}")
+    return MODEL_CONFIGS[config](config, num_class, r, positive_probably, inputchannel)
 
 
 def is_lora_trainable(name):

@@ -1,0 +1,151 @@
+"""L-BiTMix: a lightweight, bidirectional, channel-mixing temporal convolutional backbone.
+
+Design (temporal convolutions only, no attention):
+- Stem, down-sampling 32x: a strided (1x15, stride 8) conv over all leads -> BatchNorm ->
+  leaky_relu, then a depthwise strided (1x9, stride 4) conv -> BatchNorm -> pointwise 1x1 conv to
+  the trunk width -> BatchNorm -> leaky_relu. 6144 samples at 500 Hz become 192 steps of 64 ms.
+- Mix blocks at that rate, residual: x + BN(project(leaky_relu(expand(BN(depthwise(x)))))).
+  Temporal mixing is per channel (a depthwise 1x7 conv, dilated); channel mixing is pointwise
+  (expand: width -> expansion*width, project: back), so each block mixes time, then channels.
+- Bidirectional: every conv is non-causal with symmetric ("same") zero padding, so each output
+  step sees as much of the future as of the past.
+- Dilations grow block by block; the receptive field of one trunk output step is
+  `receptive_field(cfg)` input samples:
+      1 + (15-1) + (9-1)*8 + sum_i (7-1)*dilation_i*32
+  lbitmix-tiny (dilations 1, 2, 4, 8): 2,959 samples = 5.9 s at 500 Hz, several beats;
+  lbitmix (dilations 1, 2, 4, 8 twice): 5,839 samples = 11.7 s.
+- Features: mean and max over time, concatenated (2*width): the mean of a beat detector counts
+  beats (the rate), the max finds the most abnormal beat.
+- The two heads, the gating and the merge are those of every family (`TwoHeadNet`).
+
+LoRA adapts every layer that mixes channels: the stem conv, the stem's pointwise conv, each
+block's expand and project, and the heads' first layers (classifier.0, auxiliary_classifier.0).
+Depthwise convs stay plain: their weights are few and per channel, and only their biases train
+under the LoRA rule. rank_list holds one rank per counted layer, in order: stem.conv,
+stem.pointwise, then expand and project of each block, then classifier.0 and classifier.1 (never
+adapted, its entry is ignored; auxiliary_classifier.0 takes classifier.0's rank).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .heads import TwoHeadNet
+from .lora import LoRAConv2d
+
+STEM_KERNEL, STEM_STRIDE = 15, 8
+DOWN_KERNEL, DOWN_STRIDE = 9, 4
+DOWNSAMPLE = STEM_STRIDE * DOWN_STRIDE
+STEM_ADAPTED = 2            # stem.conv, stem.pointwise
+ADAPTED_PER_BLOCK = 2       # expand, project
+CLASSIFIER_LAYERS = 2       # classifier.0 (adapted), classifier.1 (never)
+
+
+@dataclass(frozen=True)
+class LBiTMixConfig:
+    stem_channels: int
+    width: int
+    dilations: tuple
+    expansion: int = 2
+    kernel: int = 7
+
+    @property
+    def num_layers(self):
+        """Entries of a rank list: the adapted layers plus the task layer."""
+        return STEM_ADAPTED + ADAPTED_PER_BLOCK * len(self.dilations) + CLASSIFIER_LAYERS
+
+
+LBITMIX_CONFIGS = {
+    "lbitmix-tiny": LBiTMixConfig(stem_channels=48, width=96, dilations=(1, 2, 4, 8)),
+    "lbitmix": LBiTMixConfig(stem_channels=64, width=256, dilations=(1, 2, 4, 8) * 2, expansion=4),
+}
+
+
+def receptive_field(cfg):
+    """Input samples that one trunk output step depends on (each layer adds (kernel-1)*dilation*jump)."""
+    jump_after_stem = STEM_STRIDE * DOWN_STRIDE
+    return (1 + (STEM_KERNEL - 1) + (DOWN_KERNEL - 1) * STEM_STRIDE
+            + sum((cfg.kernel - 1) * d * jump_after_stem for d in cfg.dilations))
+
+
+def depthwise(channels, kernel, stride=1, dilation=1):
+    """Per-channel temporal conv, non-causal: symmetric padding, so the output is centred."""
+    return nn.Conv2d(channels, channels, (1, kernel), stride=(1, stride), dilation=(1, dilation),
+                     padding=(0, dilation * (kernel // 2)), groups=channels)
+
+
+class Stem(nn.Module):
+    """Down-sampling by 32: a strided conv over all leads, then a strided depthwise conv and a pointwise mix."""
+
+    def __init__(self, inputchannel, cfg, ranks):
+        super().__init__()
+        self.conv = LoRAConv2d(inputchannel, cfg.stem_channels, (1, STEM_KERNEL), r=ranks[0],
+                               stride=(1, STEM_STRIDE), padding=(0, STEM_KERNEL // 2))
+        self.bn1 = nn.BatchNorm2d(cfg.stem_channels)
+        self.depthwise = depthwise(cfg.stem_channels, DOWN_KERNEL, stride=DOWN_STRIDE)
+        self.bn2 = nn.BatchNorm2d(cfg.stem_channels)
+        self.pointwise = LoRAConv2d(cfg.stem_channels, cfg.width, (1, 1), r=ranks[1])
+        self.bn3 = nn.BatchNorm2d(cfg.width)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.bn1(self.conv(x)))
+        return F.leaky_relu(self.bn3(self.pointwise(self.bn2(self.depthwise(x)))))
+
+
+class MixBlock(nn.Module):
+    """x + BN(project(leaky_relu(expand(BN(depthwise_dilated(x)))))): time per channel, then channels."""
+
+    def __init__(self, cfg, dilation, ranks):
+        super().__init__()
+        hidden = cfg.expansion * cfg.width
+        self.depthwise = depthwise(cfg.width, cfg.kernel, dilation=dilation)
+        self.bn1 = nn.BatchNorm2d(cfg.width)
+        self.expand = LoRAConv2d(cfg.width, hidden, (1, 1), r=ranks[0])
+        self.project = LoRAConv2d(hidden, cfg.width, (1, 1), r=ranks[1])
+        self.bn2 = nn.BatchNorm2d(cfg.width)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.expand(self.bn1(self.depthwise(x))))
+        return x + self.bn2(self.project(y))
+
+
+class LBiTMix(TwoHeadNet):
+    """Stem -> mix blocks -> [mean, max] over time -> the two heads. Input (B, inputchannel, 1, samples)."""
+
+    def __init__(self, nOUT, cfg, inputchannel, rank_list, positive_probably=0.1):
+        super().__init__()
+        if len(rank_list) != cfg.num_layers:
+            raise ValueError(f"rank_list has {len(rank_list)} entries, expected one per layer ({cfg.num_layers})")
+        if cfg.kernel % 2 == 0:
+            raise ValueError(f"kernel {cfg.kernel} must be odd so the padding is symmetric")
+        ranks = [int(r) for r in rank_list]
+        self.inputchannel = inputchannel
+        self.stem = Stem(inputchannel, cfg, ranks[:STEM_ADAPTED])
+        block_ranks = ranks[STEM_ADAPTED:-CLASSIFIER_LAYERS]
+        self.blocks = nn.ModuleList(
+            MixBlock(cfg, d, block_ranks[ADAPTED_PER_BLOCK * i:ADAPTED_PER_BLOCK * (i + 1)])
+            for i, d in enumerate(cfg.dilations))
+        self.add_heads(2 * cfg.width, nOUT, ranks[-CLASSIFIER_LAYERS], positive_probably)
+
+    def feature_map(self, x):
+        """(B, inputchannel, 1, samples) -> (B, width, 1, ceil(samples / 32)): the trunk before pooling."""
+        self.check_input(x)
+        if x.shape[-1] < DOWNSAMPLE:
+            raise ValueError(f"samples per lead must be at least {DOWNSAMPLE}, got {x.shape[-1]}")
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def feature_extraction(self, x):
+        """(B, inputchannel, 1, samples) -> (B, 2*width): mean and max of the trunk over time."""
+        steps = self.feature_map(x).flatten(1, 2)
+        return torch.cat([steps.mean(dim=-1), steps.amax(dim=-1)], dim=1)
+
+
+def build_lbitmix(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
+    """LBiTMix of a named config; r is one rank for every layer or a list of cfg.num_layers ranks."""
+    cfg = LBITMIX_CONFIGS[config]
+    rank_list = [r] * cfg.num_layers if isinstance(r, int) else list(r)
+    return LBiTMix(num_class, cfg, inputchannel, rank_list, positive_probably)
