@@ -11,17 +11,10 @@ from helper_code import ALLOCATOR_BLOCK_BYTES, LiveStorageCounter
 SAMPLES = 1024   # 16 tokens: every code path of the backbone, at a fraction of the cost
 NUM_CLASS = 5
 BATCH, BP_BATCH = 6, 2
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MEMORY_METHODS = [*benchmark.MEMORY_STEP_METHODS,
                   *(f"infer_{role}_{size}" for role in ("teacher", "student") for size in ("b1", "bB"))]
-
-
-@pytest.fixture
-def one_thread():
-    """Real-tensor steps on one thread: on a shared 2-core machine OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fake", [False, True])
@@ -51,7 +44,7 @@ def test_counter_reads_a_fake_scalar_as_one_and_a_real_one_as_itself():
 
 
 @pytest.mark.parametrize("method", MEMORY_METHODS)
-def test_fake_count_equals_the_count_over_real_tensors(method, one_thread):
+def test_fake_count_equals_the_count_over_real_tensors(method):
     """The FakeTensor run allocates what the real run allocates, op by op: same peak, same start."""
     figures = {fake: benchmark.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
                                               samples=SAMPLES, fake=fake)
