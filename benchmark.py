@@ -549,33 +549,33 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total)
     scheduler.step()
 
 
-def _step_method_figures(method, device, config, batch, bp_batch, repeats):
-    """One method of the `step` section in this (fresh) process: seconds per step (fastest of
-    `repeats` after one warm-up step: other load on a shared machine only ever adds time) and peak
-    memory over all steps above the state after the model, optimizer and data are built."""
+STEP_TRAINERS = {"htuning": "ho", "zo": "zo_opt", "zo_sign": "zo_sign_opt"}  # every other method: "bp"
+
+
+def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MODEL_SAMPLES):
+    """Build what one method of the `step` and `memory` sections trains (model, AdamW, trainer,
+    one batch) and return step(i), which runs training step i with the project's own step code."""
     import argparse
 
     import torch
 
     from Half_Trainer import HalfTrainer
-    from helper_code import PeakMemory
     from model_src_ecg import build_model, mark_only_lora_as_trainable
 
-    if device.type == "cpu":
-        torch.set_num_threads(STEP_CPU_THREADS)
     torch.manual_seed(0)
     full = method == "ft"
-    model = build_model(config, STEP_NUM_CLASS, r=0 if full else LORA_RANK).to(device)
+    with device:  # built in place: FakeTensor parameters cannot be moved by Module.to
+        model = build_model(config, num_class, r=0 if full else LORA_RANK)
     if not full:
         mark_only_lora_as_trainable(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 12, 1, MODEL_SAMPLES, generator=g).to(device)
-    y = (torch.rand(batch, STEP_NUM_CLASS, generator=g) < 0.2).float().to(device)
-    trainer_kind = {"htuning": "ho", "zo": "zo_opt"}.get(method, "bp")
-    args = argparse.Namespace(zo_eps=1e-3, q=1, bp_batch=bp_batch, aux_weight=1.0, trainer=trainer_kind,
-                              gradient_sparsity=None, perturbation_mode="gaussian", coef=None, seed=0)
+    x = torch.randn(batch, 12, 1, samples, generator=g).to(device)
+    y = (torch.rand(batch, num_class, generator=g) < 0.2).float().to(device)
+    args = argparse.Namespace(zo_eps=1e-3, q=1, bp_batch=bp_batch, aux_weight=1.0,
+                              trainer=STEP_TRAINERS.get(method, "bp"), gradient_sparsity=None,
+                              perturbation_mode="gaussian", coef=None, seed=0)
     trainer = HalfTrainer(model, optimizer, scheduler, args)
 
     def floor_step(i):
@@ -590,10 +590,27 @@ def _step_method_figures(method, device, config, batch, bp_batch, repeats):
         "lora_bp": lambda i: trainer.bp_step(x, y),
         "ft": lambda i: trainer.bp_step(x, y),
         "zo": lambda i: trainer.zo_step(x, y),
+        "zo_sign": lambda i: trainer.zo_step(x, y),
         "floor": floor_step,
     }
+    if method not in steps:
+        raise ValueError(f"unknown step method {method!r}; choose from: {', '.join(steps)}")
+    return steps[method]
+
+
+def _step_method_figures(method, device, config, batch, bp_batch, num_class, repeats):
+    """One method of the `step` section in this (fresh) process: seconds per step (fastest of
+    `repeats` after one warm-up step: other load on a shared machine only ever adds time) and peak
+    memory over all steps above the state after the model, optimizer and data are built."""
+    import torch
+
+    from helper_code import PeakMemory
+
+    if device.type == "cpu":
+        torch.set_num_threads(STEP_CPU_THREADS)
+    step = _step_runner(method, device, config, batch, bp_batch, num_class)
     with PeakMemory(device) as peak:
-        times, _ = _timed_calls(steps[method], repeats + 1, device)
+        times, _ = _timed_calls(step, repeats + 1, device)
     figures = {"time_s": min(times[1:]), "peak_mb": peak.peak_mb}
     if device.type == "cuda":  # weights and data included, as a whole-GPU figure like the paper's
         figures["total_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -613,13 +630,14 @@ def step_section(args):
     config = args.config or ("medium" if device.type == "cuda" else "tiny")
     batch = args.batch or (128 if device.type == "cuda" else 32)
     bp_batch = args.bp_batch or 8
+    num_class = args.num_class or STEP_NUM_CLASS
     repeats = args.repeats or 3
     if args.method:
-        return {args.method: _step_method_figures(args.method, device, config, batch, bp_batch, repeats)}
+        return {args.method: _step_method_figures(args.method, device, config, batch, bp_batch, num_class, repeats)}
     log.info("step: %s, batch %d, bp_batch %d, %d timed steps per method on %s", config, batch, bp_batch,
              repeats, device)
     options = ["--device", str(device), "--config", config, "--batch", str(batch), "--bp-batch", str(bp_batch),
-               "--repeats", str(repeats)]
+               "--num-class", str(num_class), "--repeats", str(repeats)]
     rounds = [_measure_in_fresh_processes("step", order, options)
               for order in (STEP_METHODS, STEP_METHODS[::-1])[:STEP_ROUNDS]]
     results = {m: {"time_s": min(r[m]["time_s"] for r in rounds),
@@ -635,6 +653,79 @@ def step_section(args):
     return results
 
 
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign")
+MEMORY_NUM_CLASS = 23
+MEMORY_STUDENT = "tinylight"
+
+
+def _memory_runner(method, config, student_config, batch, bp_batch, num_class, samples):
+    """step(i) of a `memory` method: a training step (MEMORY_STEP_METHODS) or
+    `infer_{teacher|student}_{b1|bB}`, a no-grad forward of an r=0 model (what a merged LoRA
+    model costs) on one record or on the whole batch."""
+    import torch
+
+    from model_src_ecg import build_model
+
+    if method in MEMORY_STEP_METHODS:
+        return _step_runner(method, torch.device("cpu"), config, batch, bp_batch, num_class, samples)
+    _, role, size = method.split("_")
+    net = build_model(config if role == "teacher" else student_config, num_class).eval()
+    x = torch.randn(1 if size == "b1" else batch, 12, 1, samples)
+
+    def infer(i):
+        with torch.no_grad():
+            net(x)
+    return infer
+
+
+def memory_figures(method, config, student_config, batch, bp_batch, num_class, samples=MODEL_SAMPLES, fake=True):
+    """Simulated allocator peak (LiveStorageCounter) over one steady-state step of `method`: the
+    model, optimizer, trainer and data are built under the counter, one warm-up step creates the
+    optimizer state, and the peak of the next step is reported with everything alive at its start
+    (weights, optimizer state, data) included, as torch.cuda.max_memory_allocated would after a
+    reset. fake=True runs on FakeTensors (no data: seconds for any size); fake=False on real CPU
+    tensors, the same count."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from helper_code import LiveStorageCounter
+
+    with contextlib.ExitStack() as modes:
+        if fake:
+            modes.enter_context(FakeTensorMode())
+        counter = modes.enter_context(LiveStorageCounter())
+        step = _memory_runner(method, config, student_config, batch, bp_batch, num_class, samples)
+        step(0)
+        counter.reset_peak()
+        at_start = counter.live_bytes()
+        step(1)
+        return {"peak_mb": counter.peak_bytes / 2**20, "at_start_mb": at_start / 2**20}
+
+
+@section("memory")
+def memory_section(args):
+    """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
+    full fine-tuning, LoRA backprop, H-Tuning, ZO and ZO-sign, and of inference by the teacher
+    (--config) and the student (--student-config) on one record and on the batch. The project's
+    own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated."""
+    config = args.config or "medium"
+    (student,) = args.student_config or [MEMORY_STUDENT]
+    batch, bp_batch = args.batch or 128, args.bp_batch or 8
+    num_class = args.num_class or MEMORY_NUM_CLASS
+    methods = [*MEMORY_STEP_METHODS, *(f"infer_{role}_{size}" for role in ("teacher", "student") for size in ("b1", "bB"))]
+    log.info("memory: %s (student %s), batch %d, bp_batch %d, %d classes, simulated on FakeTensors",
+             config, student, batch, bp_batch, num_class)
+    results = {m: memory_figures(m, config, student, batch, bp_batch, num_class) for m in methods}
+    ft = results["ft"]["peak_mb"]
+    for method in ("lora_bp", "htuning", "zo", "zo_sign"):
+        results[method]["ft_over_this"] = ft / results[method]["peak_mb"]
+    for size in ("b1", "bB"):
+        results[f"infer_student_{size}"]["teacher_over_this"] = (results[f"infer_teacher_{size}"]["peak_mb"]
+                                                                 / results[f"infer_student_{size}"]["peak_mb"])
+    return results
+
+
 def build_parser():
     from helper_code import FlagParser, int_at_least
     from model_src_ecg import MODEL_CONFIGS
@@ -645,10 +736,12 @@ def build_parser():
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--config", default=None, choices=list(MODEL_CONFIGS), help="model config (default: per section)")
     parser.add_argument("--student-config", nargs="+", default=None, choices=list(MODEL_CONFIGS),
-                        help="student config(s) to compare (inference section; default tinylight)")
+                        help="student config(s) to compare (inference and memory sections; default tinylight)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op CPU threads (inference section)")
     parser.add_argument("--batch", type=int_at_least(1), default=None, help="batch size (default: per section)")
     parser.add_argument("--bp-batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")
+    parser.add_argument("--num-class", type=int_at_least(1), default=None,
+                        help="classes of the main head (default: per section)")
     parser.add_argument("--records", type=int_at_least(1), default=None, help="records to convert (data section)")
     parser.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repetitions (default: per section)")
     parser.add_argument("--workers", type=int_at_least(1), default=None, help="converter worker processes (data section)")
@@ -663,6 +756,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch is not None and args.bp_batch is not None and args.bp_batch > args.batch:
         parser.error(f"argument --bp-batch: must be at most --batch ({args.batch}), got {args.bp_batch}")
+    if args.section == "memory" and args.student_config is not None and len(args.student_config) > 1:
+        parser.error("argument --student-config: the memory section compares the teacher with one student")
     results = SECTIONS[args.section](args)
     print_table(args.section, results)
     if args.json is not None:

@@ -1,4 +1,5 @@
-"""Shared helpers: seeding, device choice, logging, atomic writes, peak-memory measurement.
+"""Shared helpers: seeding, device choice, logging, atomic writes, peak-memory measurement
+(measured, and simulated by counting live tensor storage).
 
 Every script in the repository imports these from here; nothing here knows about ECGs except
 the label facts further down.
@@ -18,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -234,6 +239,71 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.peak_mb = self.read()
         return False
+
+
+ALLOCATOR_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to this
+
+
+class LiveStorageCounter(TorchDispatchMode):
+    """Simulated allocator: bytes of live tensor storage, counted at every aten op, and their peak.
+
+    Every tensor an op returns is looked up by its storage: a storage not seen before (or whose
+    predecessor at that address has died) is an allocation of its nbytes rounded up to
+    ALLOCATOR_BLOCK_BYTES, and it is freed when its last reference dies (a weak reference tells).
+    This is what a caching allocator's "allocated" counter sees, so the peak is the one
+    `torch.cuda.max_memory_allocated` would report for the same sequence of ops, minus scratch
+    memory a kernel takes and returns inside one op (cuDNN workspaces), which no op exposes.
+
+    Works on real tensors and on FakeTensors (enter a FakeTensorMode first, then this): fake
+    tensors hold no data, so a model of any size runs in seconds on a CPU. Where code reads a
+    fake value into Python (`float(loss)`, `int(seed)`), the counter answers 1; no shape in the
+    steps depends on a value, so the bytes do not either. Only tensors created while it is
+    active are counted: enter it before building the model.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._live = {}        # storage address -> (weak reference, bytes)
+        self._total = 0        # bytes of the tracked storages; some may have died since the last prune
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rounded(nbytes):
+        return -(-nbytes // ALLOCATOR_BLOCK_BYTES) * ALLOCATOR_BLOCK_BYTES
+
+    def _prune(self):
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self._total -= self._live.pop(key)[1]
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        ref = StorageWeakRef(storage)
+        size = self._rounded(storage.nbytes())
+        known = self._live.get(ref.cdata)
+        if known is not None and not known[0].expired() and known[1] >= size:
+            return
+        self._total += size - (known[1] if known is not None else 0)
+        self._live[ref.cdata] = (ref, size)
+        if self._total > self.peak_bytes:  # _total never understates, so only a rise needs the exact count
+            self._prune()
+            self.peak_bytes = max(self.peak_bytes, self._total)
+
+    def live_bytes(self):
+        self._prune()
+        return self._total
+
+    def reset_peak(self):
+        """Start a new peak from what is alive now (torch.cuda.reset_peak_memory_stats)."""
+        self.peak_bytes = self.live_bytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

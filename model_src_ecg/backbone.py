@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .heads import TwoHeadNet
 from .lbitmix import LBITMIX_CONFIGS, build_lbitmix
@@ -31,6 +32,48 @@ NUM_HEADS = 16
 NUM_TOKENS = 96            # size of the stored causal mask
 MAX_POSITIONS = 200        # rows of the positional-encoding table
 DOWNSAMPLE = STRIDE ** ENCODER_BLOCKS
+STREAM_CHUNKS = 8          # a no-grad forward runs the encoder on the batch in this many pieces
+
+
+def _channel_moments(chunk):
+    """(count, mean, biased variance) per channel (dim 1) of one piece of a batch, in float64."""
+    dims = [d for d in range(chunk.dim()) if d != 1]
+    var, mean = torch.var_mean(chunk, dim=dims, correction=0)
+    return chunk.numel() // chunk.shape[1], mean.double(), var.double()
+
+
+def _batch_norm_coefficients(bn, moments):
+    """Per-channel (scale, shift) with bn(x) == x * scale + shift for the batch whose pieces have
+    `moments`, updating the running statistics exactly as nn.BatchNorm's forward does.
+
+    With batch statistics (train mode, or no running statistics) the mean and biased variance
+    are the whole batch's, combined from its pieces; the running variance takes the unbiased one.
+    """
+    if bn.training or bn.running_mean is None:
+        count = sum(n for n, _, _ in moments)
+        mean = sum(n * m for n, m, _ in moments) / count
+        var = sum(n * (v + (m - mean) ** 2) for n, m, v in moments) / count
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.copy_((1 - factor) * bn.running_mean.double() + factor * mean)
+            bn.running_var.copy_((1 - factor) * bn.running_var.double() + factor * var * count / (count - 1))
+    else:
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _normalize_leaky_(chunk, coefficients):
+    """chunk <- leaky_relu(chunk * scale + shift), in place."""
+    shape = (1, -1) + (1,) * (chunk.dim() - 2)
+    scale, shift = (c.to(chunk.dtype).view(shape) for c in coefficients)
+    return F.leaky_relu_(chunk.mul_(scale).add_(shift))
 
 
 class EncoderBlock(nn.Module):
@@ -49,6 +92,48 @@ class EncoderBlock(nn.Module):
         main = F.leaky_relu(self.bn1(self.conv1(x)))
         main = F.leaky_relu(self.bn2(self.conv2(main)))
         return main + self.conv3(self.shortcut_pool(x))
+
+    @torch.no_grad()
+    def streamed(self, pieces):
+        """forward(torch.cat(pieces)) as a list of pieces, holding far less at once (no autograd).
+
+        The BatchNorms still see the whole batch: each normalises with statistics combined over
+        all pieces (so every conv output feeding one is held until they are known) and updates
+        its running statistics once, as forward does. `pieces` is emptied as it is consumed, so
+        each input piece is freed when no longer needed. Where the input is smaller than the
+        output (the first block: 12 leads in), it is kept, and conv1 (cheap there, run twice:
+        statistics first) and the shortcut are computed from it when needed; elsewhere conv1 and
+        the shortcut are computed at once from each piece, which is then dropped.
+        """
+        keep_input = pieces[0].shape[1] * STRIDE < self.bn1.num_features
+        inputs, pieces[:] = list(pieces), []
+        if keep_input:
+            bn1 = _batch_norm_coefficients(self.bn1, [_channel_moments(self.conv1(x)) for x in inputs])
+        else:
+            hidden, shortcuts = [], []
+            while inputs:
+                x = inputs.pop(0)
+                hidden.append(self.conv1(x))
+                shortcuts.append(self.conv3(self.shortcut_pool(x)))
+                del x
+            bn1 = _batch_norm_coefficients(self.bn1, [_channel_moments(h) for h in hidden])
+        out = []
+        for i in range(len(inputs) if keep_input else len(hidden)):
+            if keep_input:
+                h = self.conv1(inputs[i])
+            else:
+                h, hidden[i] = hidden[i], None
+            out.append(self.conv2(_normalize_leaky_(h, bn1)))
+            del h
+        bn2 = _batch_norm_coefficients(self.bn2, [_channel_moments(o) for o in out])
+        for i, o in enumerate(out):
+            if keep_input:
+                shortcut = self.conv3(self.shortcut_pool(inputs[i]))
+            else:
+                shortcut, shortcuts[i] = shortcuts[i], None
+            _normalize_leaky_(o, bn2).add_(shortcut)
+            del shortcut
+        return out
 
 
 class PositionalEncoding(nn.Module):
@@ -109,6 +194,16 @@ class TransformerLayer(nn.Module):
         return x + self.fc2(F.leaky_relu(self.fc1(self.norm2(x))))
 
 
+def _call(block, *inputs):
+    return block(*inputs)
+
+
+def _recomputed(block, *inputs):
+    """block(*inputs) saving only the inputs for backward: the block runs again in backward, with
+    the same values (it holds no state that a forward changes), so the gradients are the same."""
+    return checkpoint(block, *inputs, use_reentrant=False)
+
+
 class NN_default(TwoHeadNet):
     """Backbone with a main head and a gating auxiliary head ("any label present").
 
@@ -144,6 +239,13 @@ class NN_default(TwoHeadNet):
             for j in range(num_transformer))
         self.add_heads(width, nOUT, head_rank, positive_probably)
         self.fused_attention = True
+        # Trade recomputation for memory where the numbers stay the same: a forward without
+        # autograd streams the batch through the encoder in pieces (see `_streamed_encoder`),
+        # and, while `recompute_in_backward` is set (a trainer's FO pass), a forward with
+        # autograd keeps only each block's input and recomputes the block in backward.
+        # False: the plain forward everywhere.
+        self.lean_forward = True
+        self.recompute_in_backward = False
 
     def feature_extraction(self, x):
         """(B, inputchannel, 1, L) -> (B, width): encoder, tokens + positions, transformer, max over tokens."""
@@ -152,12 +254,37 @@ class NN_default(TwoHeadNet):
         if samples % DOWNSAMPLE or not 0 < samples // DOWNSAMPLE <= NUM_TOKENS:
             raise ValueError(f"samples per lead must be a multiple of {DOWNSAMPLE} up to "
                              f"{DOWNSAMPLE * NUM_TOKENS}, got {samples}")
-        for block in self.encoder_layers:
-            x = block(x)
+        if self.lean_forward and not torch.is_grad_enabled():
+            if not self._batch_statistics():  # every sample on its own: the whole network piece by piece
+                return torch.cat([self._features(piece, _call) for piece in x.chunk(STREAM_CHUNKS)])
+            return self._features(x, _call, encoder=self._streamed_encoder)
+        recompute = self.lean_forward and self.recompute_in_backward and not self._batch_statistics()
+        return self._features(x, _recomputed if recompute else _call)
+
+    def _batch_statistics(self):
+        """Whether a BatchNorm normalises by the batch (train mode, or no running statistics)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+                   for m in self.encoder_layers.modules())
+
+    def _features(self, x, run, encoder=None):
+        """The feature pipeline, each block called through run(block, *inputs)."""
+        if encoder is not None:
+            x = encoder(x)
+        else:
+            for block in self.encoder_layers:
+                x = run(block, x)
         tokens = self.position_encoding(x.squeeze(2).transpose(1, 2))
         for layer in self.transformer_layers:
-            tokens = layer(tokens, self.fused_attention)
+            tokens = run(layer, tokens, self.fused_attention)
         return tokens.max(dim=1).values
+
+    def _streamed_encoder(self, x):
+        """The encoder without autograd on the batch in STREAM_CHUNKS pieces (EncoderBlock.streamed):
+        the widest activation is held once for the whole batch instead of three times."""
+        pieces = list(x.chunk(STREAM_CHUNKS))
+        for block in self.encoder_layers:
+            pieces = block.streamed(pieces)
+        return torch.cat(pieces)
 
 
 def build_nn_default(config, num_class, r=0, positive_probably=0.1, inputchannel=12):

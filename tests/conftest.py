@@ -24,3 +24,15 @@ def tiny_demo(tmp_path_factory):
     from datacollection import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo"), seed=0, n_records=200, n_code15=200, workers=1)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread for the test: on a small machine shared with other work,
+    OpenMP threads waiting on each other make small CPU steps several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,64 @@
+"""The simulated allocator (LiveStorageCounter) and the `memory` benchmark section built on it."""
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import benchmark
+from helper_code import ALLOCATOR_BLOCK_BYTES, LiveStorageCounter
+
+SAMPLES = 1024   # 16 tokens: every code path of the backbone, at a fraction of the cost
+NUM_CLASS = 5
+BATCH, BP_BATCH = 6, 2
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEMORY_METHODS = [*benchmark.MEMORY_STEP_METHODS,
+                  *(f"infer_{role}_{size}" for role in ("teacher", "student") for size in ("b1", "bB"))]
+
+
+@pytest.mark.parametrize("fake", [False, True])
+def test_counter_counts_storages_once_rounded_and_frees_them(fake):
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    with mode, LiveStorageCounter() as counter:
+        a = torch.empty(1000)                   # 4000 bytes -> 4096
+        view = a[10:20]                         # same storage: no new bytes
+        b = torch.ones(3, dtype=torch.float64)  # 24 bytes -> 512
+        assert counter.live_bytes() == 4096 + ALLOCATOR_BLOCK_BYTES
+        del a
+        assert counter.live_bytes() == 4096 + ALLOCATOR_BLOCK_BYTES  # the view keeps the storage alive
+        del view
+        assert counter.live_bytes() == ALLOCATOR_BLOCK_BYTES
+        c = torch.zeros(100)                    # fits under the earlier peak
+        assert counter.peak_bytes == 4096 + ALLOCATOR_BLOCK_BYTES
+        counter.reset_peak()
+        assert counter.peak_bytes == 2 * ALLOCATOR_BLOCK_BYTES
+        del b, c
+
+
+def test_counter_reads_a_fake_scalar_as_one_and_a_real_one_as_itself():
+    with FakeTensorMode(), LiveStorageCounter():
+        assert float(torch.full((), 3.5)) == 1
+    with LiveStorageCounter():
+        assert float(torch.full((), 3.5)) == 3.5
+
+
+@pytest.mark.parametrize("method", MEMORY_METHODS)
+def test_fake_count_equals_the_count_over_real_tensors(method):
+    """The FakeTensor run allocates what the real run allocates, op by op: same peak, same start."""
+    figures = {fake: benchmark.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
+                                              samples=SAMPLES, fake=fake)
+               for fake in (False, True)}
+    assert figures[True] == figures[False]
+    assert figures[True]["peak_mb"] > figures[True]["at_start_mb"] > 0
+
+
+def test_memory_section_reports_every_method_and_its_ratios(tmp_path):
+    out = tmp_path / "memory.json"
+    results = benchmark.main(["memory", "--config", "tiny", "--batch", "4", "--bp-batch", "2",
+                              "--num-class", "3", "--json", str(out)])
+    assert set(results) == set(MEMORY_METHODS)
+    assert results["htuning"]["ft_over_this"] == results["ft"]["peak_mb"] / results["htuning"]["peak_mb"]
+    assert results["ft"]["peak_mb"] > results["htuning"]["peak_mb"]
+    assert results["infer_teacher_b1"]["peak_mb"] > results["infer_student_b1"]["peak_mb"]
+    assert '"memory"' in out.read_text()
