@@ -658,7 +658,7 @@ MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
 
 
-def _memory_runner(method, config, student_config, batch, bp_batch, num_class, samples):
+def _memory_runner(method, device, config, student_config, batch, bp_batch, num_class, samples):
     """step(i) of a `memory` method: a training step (MEMORY_STEP_METHODS) or
     `infer_{teacher|student}_{b1|bB}`, a no-grad forward of an r=0 model (what a merged LoRA
     model costs) on one record or on the whole batch."""
@@ -667,10 +667,11 @@ def _memory_runner(method, config, student_config, batch, bp_batch, num_class, s
     from model_src_ecg import build_model
 
     if method in MEMORY_STEP_METHODS:
-        return _step_runner(method, torch.device("cpu"), config, batch, bp_batch, num_class, samples)
+        return _step_runner(method, device, config, batch, bp_batch, num_class, samples)
     _, role, size = method.split("_")
-    net = build_model(config if role == "teacher" else student_config, num_class).eval()
-    x = torch.randn(1 if size == "b1" else batch, 12, 1, samples)
+    with device:
+        net = build_model(config if role == "teacher" else student_config, num_class).eval()
+    x = torch.randn(1 if size == "b1" else batch, 12, 1, samples).to(device)
 
     def infer(i):
         with torch.no_grad():
@@ -687,6 +688,7 @@ def memory_figures(method, config, student_config, batch, bp_batch, num_class, s
     tensors, the same count."""
     import contextlib
 
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from helper_code import LiveStorageCounter
@@ -695,7 +697,7 @@ def memory_figures(method, config, student_config, batch, bp_batch, num_class, s
         if fake:
             modes.enter_context(FakeTensorMode())
         counter = modes.enter_context(LiveStorageCounter())
-        step = _memory_runner(method, config, student_config, batch, bp_batch, num_class, samples)
+        step = _memory_runner(method, torch.device("cpu"), config, student_config, batch, bp_batch, num_class, samples)
         step(0)
         counter.reset_peak()
         at_start = counter.live_bytes()
@@ -703,16 +705,37 @@ def memory_figures(method, config, student_config, batch, bp_batch, num_class, s
         return {"peak_mb": counter.peak_bytes / 2**20, "at_start_mb": at_start / 2**20}
 
 
+def _gpu_memory_figures(method, device, config, student_config, batch, bp_batch, num_class):
+    """The same step measured on a GPU (in a fresh process): torch.cuda.max_memory_allocated over
+    the second step after a reset, everything alive included, as the simulation counts it."""
+    import torch
+
+    step = _memory_runner(method, device, config, student_config, batch, bp_batch, num_class, MODEL_SAMPLES)
+    step(0)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(1)
+    torch.cuda.synchronize(device)
+    return {method: {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}}
+
+
 @section("memory")
 def memory_section(args):
     """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
     full fine-tuning, LoRA backprop, H-Tuning, ZO and ZO-sign, and of inference by the teacher
     (--config) and the student (--student-config) on one record and on the batch. The project's
-    own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated."""
+    own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated. On a
+    GPU, each method is also run for real in its own process, and the measured peak is set
+    beside the simulated one."""
+    from helper_code import get_device
+
+    device = get_device(args.device)
     config = args.config or "medium"
     (student,) = args.student_config or [MEMORY_STUDENT]
     batch, bp_batch = args.batch or 128, args.bp_batch or 8
     num_class = args.num_class or MEMORY_NUM_CLASS
+    if args.method:
+        return _gpu_memory_figures(args.method, device, config, student, batch, bp_batch, num_class)
     methods = [*MEMORY_STEP_METHODS, *(f"infer_{role}_{size}" for role in ("teacher", "student") for size in ("b1", "bB"))]
     log.info("memory: %s (student %s), batch %d, bp_batch %d, %d classes, simulated on FakeTensors",
              config, student, batch, bp_batch, num_class)
@@ -723,6 +746,13 @@ def memory_section(args):
     for size in ("b1", "bB"):
         results[f"infer_student_{size}"]["teacher_over_this"] = (results[f"infer_teacher_{size}"]["peak_mb"]
                                                                  / results[f"infer_student_{size}"]["peak_mb"])
+    if device.type == "cuda":
+        measured = _measure_in_fresh_processes("memory", methods, [
+            "--device", str(device), "--config", config, "--student-config", student, "--batch", str(batch),
+            "--bp-batch", str(bp_batch), "--num-class", str(num_class)])
+        for method, row in results.items():
+            row.update(measured[method])
+            row["gpu_over_simulated"] = row["gpu_peak_mb"] / row["peak_mb"]
     return results
 
 

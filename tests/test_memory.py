@@ -62,3 +62,10 @@ def test_memory_section_reports_every_method_and_its_ratios(tmp_path):
     assert results["ft"]["peak_mb"] > results["htuning"]["peak_mb"]
     assert results["infer_teacher_b1"]["peak_mb"] > results["infer_student_b1"]["peak_mb"]
     assert '"memory"' in out.read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_simulated_peak_is_within_five_percent_of_the_gpu_allocator_peak():
+    results = benchmark.main(["memory", "--device", "cuda"])
+    for method, row in results.items():
+        assert row["gpu_over_simulated"] == pytest.approx(1.0, abs=0.05), method
