@@ -69,10 +69,19 @@ def receptive_field(cfg):
             + sum((cfg.kernel - 1) * d * jump_after_stem for d in cfg.dilations))
 
 
-def depthwise(channels, kernel, stride=1, dilation=1):
-    """Per-channel temporal conv, non-causal: symmetric padding, so the output is centred."""
-    return nn.Conv2d(channels, channels, (1, kernel), stride=(1, stride), dilation=(1, dilation),
-                     padding=(0, dilation * (kernel // 2)), groups=channels)
+class Depthwise(nn.Conv2d):
+    """Per-channel temporal conv, non-causal: symmetric zero padding, so each output is centred.
+
+    The padding is applied explicitly: oneDNN's depthwise kernel runs about 2x slower at batch 1
+    when asked to pad by more than the kernel (the dilated blocks), and a pad is cheaper.
+    """
+
+    def __init__(self, channels, kernel, stride=1, dilation=1):
+        super().__init__(channels, channels, (1, kernel), stride=(1, stride), dilation=(1, dilation), groups=channels)
+        self.side = dilation * (kernel // 2)
+
+    def forward(self, x):
+        return self._conv_forward(F.pad(x, (self.side, self.side)), self.weight, self.bias)
 
 
 class Stem(nn.Module):
@@ -83,7 +92,7 @@ class Stem(nn.Module):
         self.conv = LoRAConv2d(inputchannel, cfg.stem_channels, (1, STEM_KERNEL), r=ranks[0],
                                stride=(1, STEM_STRIDE), padding=(0, STEM_KERNEL // 2))
         self.bn1 = nn.BatchNorm2d(cfg.stem_channels)
-        self.depthwise = depthwise(cfg.stem_channels, DOWN_KERNEL, stride=DOWN_STRIDE)
+        self.depthwise = Depthwise(cfg.stem_channels, DOWN_KERNEL, stride=DOWN_STRIDE)
         self.bn2 = nn.BatchNorm2d(cfg.stem_channels)
         self.pointwise = LoRAConv2d(cfg.stem_channels, cfg.width, (1, 1), r=ranks[1])
         self.bn3 = nn.BatchNorm2d(cfg.width)
@@ -99,7 +108,7 @@ class MixBlock(nn.Module):
     def __init__(self, cfg, dilation, ranks):
         super().__init__()
         hidden = cfg.expansion * cfg.width
-        self.depthwise = depthwise(cfg.width, cfg.kernel, dilation=dilation)
+        self.depthwise = Depthwise(cfg.width, cfg.kernel, dilation=dilation)
         self.bn1 = nn.BatchNorm2d(cfg.width)
         self.expand = LoRAConv2d(cfg.width, hidden, (1, 1), r=ranks[0])
         self.project = LoRAConv2d(hidden, cfg.width, (1, 1), r=ranks[1])
