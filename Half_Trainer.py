@@ -54,11 +54,6 @@ def zo_parameters(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and not belongs_to_heads(n)]
 
 
-def head_parameters(model):
-    """Trainable parameters of the two heads: the complement of the ZO set among trainable ones."""
-    return [p for n, p in model.named_parameters() if p.requires_grad and belongs_to_heads(n)]
-
-
 @contextlib.contextmanager
 def module_modes(model, phase):
     """Set the modules' modes for `phase` ("zo" or "fo"), then restore every module's own mode.
@@ -120,7 +115,6 @@ class HalfTrainer:
         named = zo_parameters(model)
         self.zo_names = [n for n, _ in named]
         self.zo_params = [p for _, p in named]
-        self.head_params = head_parameters(model)
         if not self.zo_params:
             raise ValueError("no trainable parameter outside the heads: nothing for the ZO estimate")
         device, dtype = self.zo_params[0].device, self.zo_params[0].dtype
