@@ -321,12 +321,13 @@ def finish_run(path, args):
 
 
 def run_prefix(args, *parts):
-    return "_".join([f"{'demo_' if args.demo else ''}{args.zo_config}", args.config, f"seed{args.seed}", *parts])
+    """The file-name stem shared by a run's files: mode, teacher config, then `parts`."""
+    return "_".join([f"{'demo_' if args.demo else ''}{args.zo_config}", args.config, *parts])
 
 
 def run_experiment(args, h5_paths, device):
     """Teacher then student for each dataset; results appended to the run's file after each dataset."""
-    path, resuming = open_run(args, run_prefix(args))
+    path, resuming = open_run(args, run_prefix(args, f"seed{args.seed}"))
     teacher_cfg, student_cfg = run_configs(args, path.stem, resuming)
     results = []
     for dataset, h5_path in h5_paths.items():
@@ -343,7 +344,7 @@ def run_experiment(args, h5_paths, device):
 def run_pipeline(args, h5_paths, device):
     """pipeline_ecg.py: one dataset, one stage (or both), results written as main.py writes them."""
     (dataset, h5_path), = h5_paths.items()
-    path, resuming = open_run(args, run_prefix(args, dataset, args.stage))
+    path, resuming = open_run(args, run_prefix(args, f"seed{args.seed}", dataset, args.stage))
     teacher_cfg, student_cfg = run_configs(args, path.stem, resuming)
     data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
     if args.stage == "both":
@@ -428,8 +429,7 @@ def summarise_seeds(args, results_by_seed):
                 row[f"{figure}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             rows.append(row)
     seeds = "-".join(str(s) for s in results_by_seed)
-    path = new_result_path(args.result_dir, "_".join([f"{'demo_' if args.demo else ''}{args.zo_config}", args.config,
-                                                      f"seeds{seeds}", "summary"]))
+    path = new_result_path(args.result_dir, run_prefix(args, f"seeds{seeds}", "summary"))
     with atomic_path(path.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -216,7 +216,8 @@ def stage_settings(cfg, data, dataset, role, teacher):
 
 
 def _usable(path, settings, what):
-    """True if `path` exists and was written under `settings`; says why when it is not used."""
+    """The saved dict at `path` if it exists and was written under `settings`, else None (saying
+    why when the file exists but was written under other settings)."""
     if not path.is_file():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -256,7 +257,11 @@ def load_merged(path, device):
     if not path.is_file():
         raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
                                 f"checkpoint_dir)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return _from_merged(torch.load(path, map_location="cpu", weights_only=True), device)
+
+
+def _from_merged(saved, device):
+    """(result, merged net in eval mode, class codes) from the dict save_merged wrote."""
     model = saved["model"]
     net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
     net.load_state_dict(model["state_dict"])
@@ -326,9 +331,10 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     paths = stage_paths(cfg, dataset, role)
     settings = stage_settings(cfg, data, dataset, role, teacher)
     if cfg.resume:
-        if _usable(paths.merged, settings, "finished stage") is not None:
+        finished = _usable(paths.merged, settings, "finished stage")
+        if finished is not None:
             log.info("%s %s: finished earlier, reloading %s", dataset, role, paths.merged)
-            result, net, _ = load_merged(paths.merged, device)
+            result, net, _ = _from_merged(finished, device)
             return result, net
         resumed = _usable(paths.resume, settings, "resumable state")
     else:
