@@ -3,10 +3,11 @@ from .augment import cutmix, mask_leads
 from .backbone import (CONFIGS, MODEL_CONFIGS, NN_default, adapter_state_dict, build_model, is_lora_trainable,
                        load_adapter_state, load_pretrained, mark_only_lora_as_trainable)
 from .heads import HEAD_NAMES, TwoHeadNet, belongs_to_heads
-from .lbitmix import LBITMIX_CONFIGS, LBiTMix, receptive_field
+from .lbitmix import LBITMIX_CONFIGS, LBiTMix, LBiTMixConfig, receptive_field
 from .lora import LoRAConv2d, LoRALinear, LoRAQKV
 
-__all__ = ["CONFIGS", "MODEL_CONFIGS", "LBITMIX_CONFIGS", "NN_default", "LBiTMix", "TwoHeadNet", "HEAD_NAMES",
+__all__ = ["CONFIGS", "MODEL_CONFIGS", "LBITMIX_CONFIGS", "NN_default", "LBiTMix", "LBiTMixConfig", "TwoHeadNet",
+           "HEAD_NAMES",
            "build_model", "load_pretrained", "mark_only_lora_as_trainable", "is_lora_trainable", "belongs_to_heads",
            "adapter_state_dict", "load_adapter_state", "receptive_field", "cutmix", "mask_leads",
            "LoRAConv2d", "LoRALinear", "LoRAQKV"]

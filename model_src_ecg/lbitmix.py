@@ -10,18 +10,22 @@ Design (temporal convolutions only, no attention):
 - Bidirectional: every conv is non-causal with symmetric ("same") zero padding, so each output
   step sees as much of the future as of the past.
 - Dilations grow block by block; the receptive field of one trunk output step is
-  `receptive_field(cfg)` input samples:
+  `receptive_field(cfg)` input samples, each layer adding (kernel-1)*dilation*(input samples per
+  step at its rate):
       1 + (15-1) + (9-1)*8 + sum_i (7-1)*dilation_i*32
-  lbitmix-tiny (dilations 1, 2, 4, 8): 2,959 samples = 5.9 s at 500 Hz, several beats;
-  lbitmix (dilations 1, 2, 4, 8 twice): 5,839 samples = 11.7 s.
+  lbitmix-tiny (dilations 1, 2, 4, 8): 2,959 samples = 5.9 s at 500 Hz, several beats, so a block
+  can compare neighbouring RR intervals; lbitmix (dilations 1, 2, 4, 8 twice): 5,839 samples = 11.7 s.
 - Features: mean and max over time, concatenated (2*width): the mean of a beat detector counts
   beats (the rate), the max finds the most abnormal beat.
 - The two heads, the gating and the merge are those of every family (`TwoHeadNet`).
 
+lbitmix-tiny pretrains best among the stem, kernel, width, depth and pooling variants tried
+(validation mAP on three synthetic CODE-15 draws); the README has the comparison.
+
 LoRA adapts every layer that mixes channels: the stem conv, the stem's pointwise conv, each
 block's expand and project, and the heads' first layers (classifier.0, auxiliary_classifier.0).
 Depthwise convs stay plain: their weights are few and per channel, and only their biases train
-under the LoRA rule. rank_list holds one rank per counted layer, in order: stem.conv,
+under the LoRA rule. rank_list holds one rank per counted layer, in forward order: stem.conv,
 stem.pointwise, then expand and project of each block, then classifier.0 and classifier.1 (never
 adapted, its entry is ignored; auxiliary_classifier.0 takes classifier.0's rank).
 """
@@ -34,9 +38,6 @@ import torch.nn.functional as F
 from .heads import TwoHeadNet
 from .lora import LoRAConv2d
 
-STEM_KERNEL, STEM_STRIDE = 15, 8
-DOWN_KERNEL, DOWN_STRIDE = 9, 4
-DOWNSAMPLE = STEM_STRIDE * DOWN_STRIDE
 STEM_ADAPTED = 2            # stem.conv, stem.pointwise
 ADAPTED_PER_BLOCK = 2       # expand, project
 CLASSIFIER_LAYERS = 2       # classifier.0 (adapted), classifier.1 (never)
@@ -49,6 +50,15 @@ class LBiTMixConfig:
     dilations: tuple
     expansion: int = 2
     kernel: int = 7
+    stem_kernel: int = 15
+    stem_stride: int = 8
+    down_kernel: int = 9
+    down_stride: int = 4
+
+    @property
+    def downsample(self):
+        """Input samples per trunk step."""
+        return self.stem_stride * self.down_stride
 
     @property
     def num_layers(self):
@@ -64,9 +74,8 @@ LBITMIX_CONFIGS = {
 
 def receptive_field(cfg):
     """Input samples that one trunk output step depends on (each layer adds (kernel-1)*dilation*jump)."""
-    jump_after_stem = STEM_STRIDE * DOWN_STRIDE
-    return (1 + (STEM_KERNEL - 1) + (DOWN_KERNEL - 1) * STEM_STRIDE
-            + sum((cfg.kernel - 1) * d * jump_after_stem for d in cfg.dilations))
+    return (1 + (cfg.stem_kernel - 1) + (cfg.down_kernel - 1) * cfg.stem_stride
+            + sum((cfg.kernel - 1) * d * cfg.downsample for d in cfg.dilations))
 
 
 class Depthwise(nn.Conv2d):
@@ -85,14 +94,15 @@ class Depthwise(nn.Conv2d):
 
 
 class Stem(nn.Module):
-    """Down-sampling by 32: a strided conv over all leads, then a strided depthwise conv and a pointwise mix."""
+    """Down-sampling by stem_stride * down_stride: a strided conv over all leads, then a strided
+    depthwise conv and a pointwise mix to the trunk width."""
 
     def __init__(self, inputchannel, cfg, ranks):
         super().__init__()
-        self.conv = LoRAConv2d(inputchannel, cfg.stem_channels, (1, STEM_KERNEL), r=ranks[0],
-                               stride=(1, STEM_STRIDE), padding=(0, STEM_KERNEL // 2))
+        self.conv = LoRAConv2d(inputchannel, cfg.stem_channels, (1, cfg.stem_kernel), r=ranks[0],
+                               stride=(1, cfg.stem_stride), padding=(0, cfg.stem_kernel // 2))
         self.bn1 = nn.BatchNorm2d(cfg.stem_channels)
-        self.depthwise = Depthwise(cfg.stem_channels, DOWN_KERNEL, stride=DOWN_STRIDE)
+        self.depthwise = Depthwise(cfg.stem_channels, cfg.down_kernel, stride=cfg.down_stride)
         self.bn2 = nn.BatchNorm2d(cfg.stem_channels)
         self.pointwise = LoRAConv2d(cfg.stem_channels, cfg.width, (1, 1), r=ranks[1])
         self.bn3 = nn.BatchNorm2d(cfg.width)
@@ -126,10 +136,11 @@ class LBiTMix(TwoHeadNet):
         super().__init__()
         if len(rank_list) != cfg.num_layers:
             raise ValueError(f"rank_list has {len(rank_list)} entries, expected one per layer ({cfg.num_layers})")
-        if cfg.kernel % 2 == 0:
-            raise ValueError(f"kernel {cfg.kernel} must be odd so the padding is symmetric")
+        if not all(k % 2 for k in (cfg.kernel, cfg.stem_kernel, cfg.down_kernel)):
+            raise ValueError(f"kernels must be odd so the padding is symmetric, got {cfg}")
         ranks = [int(r) for r in rank_list]
         self.inputchannel = inputchannel
+        self.downsample = cfg.downsample
         self.stem = Stem(inputchannel, cfg, ranks[:STEM_ADAPTED])
         block_ranks = ranks[STEM_ADAPTED:-CLASSIFIER_LAYERS]
         self.blocks = nn.ModuleList(
@@ -138,10 +149,10 @@ class LBiTMix(TwoHeadNet):
         self.add_heads(2 * cfg.width, nOUT, ranks[-CLASSIFIER_LAYERS], positive_probably)
 
     def feature_map(self, x):
-        """(B, inputchannel, 1, samples) -> (B, width, 1, ceil(samples / 32)): the trunk before pooling."""
+        """(B, inputchannel, 1, samples) -> (B, width, 1, ceil(samples / downsample)): the trunk before pooling."""
         self.check_input(x)
-        if x.shape[-1] < DOWNSAMPLE:
-            raise ValueError(f"samples per lead must be at least {DOWNSAMPLE}, got {x.shape[-1]}")
+        if x.shape[-1] < self.downsample:
+            raise ValueError(f"samples per lead must be at least {self.downsample}, got {x.shape[-1]}")
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)

@@ -36,3 +36,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+OUTPUT_DIRS = [REPO_ROOT / name for name in ("result", "pretrained_checkpoint", "demo")]
+
+
+def _listing():
+    return {p for d in OUTPUT_DIRS if d.is_dir() for p in d.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_outputs_untouched():
+    """Tests write under tmp paths only: the repository's own output folders must not gain a file."""
+    before = _listing()
+    yield
+    added = sorted(str(p.relative_to(REPO_ROOT)) for p in _listing() - before)
+    assert not added, f"tests wrote into the repository: {added[:10]}"

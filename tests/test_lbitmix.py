@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from Half_Trainer import HalfTrainer, compute_loss, module_modes, zo_parameters
-from model_src_ecg import (LBITMIX_CONFIGS, LBiTMix, adapter_state_dict, build_model, load_adapter_state,
+from model_src_ecg import (LBITMIX_CONFIGS, LBiTMix, LBiTMixConfig, adapter_state_dict, build_model, load_adapter_state,
                            load_pretrained, mark_only_lora_as_trainable, receptive_field)
-from model_src_ecg.lbitmix import DOWNSAMPLE
 
 SAMPLES = 1024           # 32 trunk steps: every code path at a fraction of the cost
 FULL_SAMPLES = 6144
@@ -39,12 +38,12 @@ def adapted_model(r=4, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("samples", [SAMPLES, FULL_SAMPLES])
 def test_shapes(samples):
     net = build_model("lbitmix-tiny", NUM_CLASS, r=4).eval()
-    width = LBITMIX_CONFIGS["lbitmix-tiny"].width
+    cfg = LBITMIX_CONFIGS["lbitmix-tiny"]
     x = signals(3, samples=samples)
     with torch.no_grad():
         aux, main = net(x)
-        assert net.feature_map(x).shape == (3, width, 1, samples // DOWNSAMPLE)
-        assert net.feature_extraction(x).shape == (3, 2 * width)
+        assert net.feature_map(x).shape == (3, cfg.width, 1, samples // cfg.downsample)
+        assert net.feature_extraction(x).shape == (3, 2 * cfg.width)
     assert aux.shape == (3, 1) and main.shape == (3, NUM_CLASS)
     assert isinstance(net, LBiTMix)
 
@@ -74,10 +73,11 @@ def test_per_layer_ranks_and_trainable_set():
     biases and classifier.1.weight; a layer of rank 0 has no adapter."""
     cfg = LBITMIX_CONFIGS["lbitmix-tiny"]
     ranks = list(range(1, cfg.num_layers + 1))
-    ranks[3] = 0  # blocks.0.project
-    net = build_model("lbitmix-tiny", NUM_CLASS, r=ranks)
     adapted = ["stem.conv", "stem.pointwise"] + [f"blocks.{i}.{p}" for i in range(len(cfg.dilations))
                                                  for p in ("expand", "project")] + ["classifier.0"]
+    assert len(adapted) == cfg.num_layers - 1
+    ranks[adapted.index("blocks.0.project")] = 0
+    net = build_model("lbitmix-tiny", NUM_CLASS, r=ranks)
     state = net.state_dict()
     for name, rank in zip(adapted, ranks):
         if rank:
@@ -132,24 +132,31 @@ def test_merging_preserves_outputs_and_happens_once():
         torch.testing.assert_close(unmerged(x), after, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", sorted(LBITMIX_CONFIGS))
-def test_receptive_field_is_the_impulse_response_span_and_covers_two_seconds(config):
+OTHER_GEOMETRY = LBiTMixConfig(stem_channels=8, width=16, dilations=(1, 3), stem_kernel=9, stem_stride=4,
+                               down_kernel=15, down_stride=2)
+
+
+@pytest.mark.parametrize("cfg", [*(LBITMIX_CONFIGS[name] for name in sorted(LBITMIX_CONFIGS)), OTHER_GEOMETRY])
+def test_receptive_field_is_the_impulse_response_span(cfg):
     """In eval mode (no batch statistics) the input samples with a nonzero gradient for one trunk step in
     the middle span exactly receptive_field(cfg) samples, as far into the future as into the past."""
-    cfg = LBITMIX_CONFIGS[config]
     field = receptive_field(cfg)
-    samples = DOWNSAMPLE * (field // DOWNSAMPLE + 4)
-    net = build_model(config, NUM_CLASS).double().eval()
+    samples = cfg.downsample * (field // cfg.downsample + 4)
+    net = LBiTMix(NUM_CLASS, cfg, 12, [0] * cfg.num_layers).double().eval()
     x = signals(1, samples=samples, dtype=torch.float64).requires_grad_(True)
-    step = samples // DOWNSAMPLE // 2
+    step = samples // cfg.downsample // 2
     net.feature_map(x)[0, :, 0, step].sum().backward()
     touched = torch.nonzero(x.grad[0].abs().sum(dim=(0, 1))).flatten()
     first, last = int(touched[0]), int(touched[-1])
     assert last - first + 1 == field
-    centre = DOWNSAMPLE * step
+    centre = cfg.downsample * step
     assert centre - first == last - centre == (field - 1) // 2
-    assert field >= 2 * ECG_HZ
-    assert receptive_field(LBITMIX_CONFIGS["lbitmix-tiny"]) == 2959  # the figure the module docstring states
+
+
+def test_named_receptive_fields_cover_two_seconds():
+    assert receptive_field(LBITMIX_CONFIGS["lbitmix-tiny"]) == 2959  # the figures the module docstring states
+    assert receptive_field(LBITMIX_CONFIGS["lbitmix"]) == 5839
+    assert all(receptive_field(cfg) >= 2 * ECG_HZ for cfg in LBITMIX_CONFIGS.values())
 
 
 def make_args(trainer, **overrides):

@@ -113,7 +113,7 @@ def test_search_with_other_settings_does_not_resume_into_an_earlier_file(tiny_de
 def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
     cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
-                                 seed=5, checkpoint_dir=backbones, run_name=f"det{os.getpid()}")
+                                 seed=5, checkpoint_dir=backbones, result_dir=tmp_path, run_name="det")
     first, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     second, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     np.testing.assert_array_equal(first["ap_per_class"], second["ap_per_class"])
@@ -121,10 +121,10 @@ def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     assert not list(Path(backbones).glob("*.tmp"))
 
 
-def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, monkeypatch):
+def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, tmp_path, monkeypatch):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
     cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=20, interval=1,
-                                 patience=2, checkpoint_dir=backbones, run_name=f"stop{os.getpid()}")
+                                 patience=2, checkpoint_dir=backbones, result_dir=tmp_path, run_name="stop")
     monkeypatch.setattr(pipeline_ecg, "mean_average_precision", lambda labels, scores: 50.0)
     stopped, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     # the first check sets the best; two more without gain reach patience 2
