@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .heads import TwoHeadNet
+from .heads import TwoHeadNet, ranks_per_layer
 from .lbitmix import LBITMIX_CONFIGS, build_lbitmix
 from .lora import InputMajorLinear, LoRAConv2d, LoRALinear, LoRAQKV
 
@@ -290,8 +290,7 @@ class NN_default(TwoHeadNet):
 def build_nn_default(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
     """NN_default of a named config; r is one rank for every layer or a list of num_layers ranks."""
     num_layers, width = CONFIGS[config]
-    rank_list = [r] * num_layers if isinstance(r, int) else list(r)
-    return NN_default(num_class, width, inputchannel, num_layers, rank_list, positive_probably)
+    return NN_default(num_class, width, inputchannel, num_layers, ranks_per_layer(r, num_layers), positive_probably)
 
 
 # Every named config of every family -> the function that builds it: the one registry.

@@ -1,8 +1,9 @@
 """What every backbone family shares: the two heads, the gating between them, and the LoRA merge.
 
 A family subclasses `TwoHeadNet`, builds its trunk, calls `add_heads`, and implements
-`feature_extraction` (input (B, inputchannel, 1, samples) -> (B, features)). The training steps rely only on what is here: the
-heads are the top-level children named in HEAD_NAMES, everything else is the trunk.
+`feature_extraction` (input (B, inputchannel, 1, samples) -> (B, features)). The training steps
+rely only on what is here: the heads are the top-level children named in HEAD_NAMES, everything
+else is the trunk.
 """
 import torch
 import torch.nn as nn
@@ -10,6 +11,11 @@ import torch.nn as nn
 from .lora import LoRALayer, LoRALinear
 
 HEAD_NAMES = ("classifier", "auxiliary_classifier")
+
+
+def ranks_per_layer(r, num_layers):
+    """One LoRA rank per counted layer: `r` repeated, or `r` itself when it is already a list."""
+    return [r] * num_layers if isinstance(r, int) else list(r)
 
 
 def belongs_to_heads(name):

@@ -19,8 +19,8 @@ Design (temporal convolutions only, no attention):
   beats (the rate), the max finds the most abnormal beat.
 - The two heads, the gating and the merge are those of every family (`TwoHeadNet`).
 
-lbitmix-tiny pretrains best among the stem, kernel, width, depth and pooling variants tried
-(validation mAP on three synthetic CODE-15 draws); the README has the comparison.
+lbitmix-tiny pretrains at the top of the stem, kernel, width, depth, pooling and context variants
+tried (validation mAP on three synthetic CODE-15 draws); the README has the comparison.
 
 LoRA adapts every layer that mixes channels: the stem conv, the stem's pointwise conv, each
 block's expand and project, and the heads' first layers (classifier.0, auxiliary_classifier.0).
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .heads import TwoHeadNet
+from .heads import TwoHeadNet, ranks_per_layer
 from .lora import LoRAConv2d
 
 STEM_ADAPTED = 2            # stem.conv, stem.pointwise
@@ -167,5 +167,4 @@ class LBiTMix(TwoHeadNet):
 def build_lbitmix(config, num_class, r=0, positive_probably=0.1, inputchannel=12):
     """LBiTMix of a named config; r is one rank for every layer or a list of cfg.num_layers ranks."""
     cfg = LBITMIX_CONFIGS[config]
-    rank_list = [r] * cfg.num_layers if isinstance(r, int) else list(r)
-    return LBiTMix(num_class, cfg, inputchannel, rank_list, positive_probably)
+    return LBiTMix(num_class, cfg, inputchannel, ranks_per_layer(r, cfg.num_layers), positive_probably)
