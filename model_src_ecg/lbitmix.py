@@ -1,9 +1,10 @@
 """L-BiTMix: a lightweight, bidirectional, channel-mixing temporal convolutional backbone.
 
 Design (temporal convolutions only, no attention):
-- Stem, down-sampling 32x: a strided (1x15, stride 8) conv over all leads -> BatchNorm ->
-  leaky_relu, then a depthwise strided (1x9, stride 4) conv -> BatchNorm -> pointwise 1x1 conv to
-  the trunk width -> BatchNorm -> leaky_relu. 6144 samples at 500 Hz become 192 steps of 64 ms.
+- Stem, down-sampling 32x with two strided convs over all channels: a 1x15 conv with stride 8 over
+  the leads -> BatchNorm -> leaky_relu, then a 1x5 conv with stride 4 to the trunk width ->
+  BatchNorm -> leaky_relu. 6144 samples at 500 Hz become 192 steps of 64 ms. The second conv mixes
+  channels at the 16 ms rate, where P waves and QRS complexes still have their shape.
 - Mix blocks at that rate, residual: x + BN(project(leaky_relu(expand(BN(depthwise(x)))))).
   Temporal mixing is per channel (a depthwise 1x7 conv, dilated); channel mixing is pointwise
   (expand: width -> expansion*width, project: back), so each block mixes time, then channels.
@@ -12,22 +13,22 @@ Design (temporal convolutions only, no attention):
 - Dilations grow block by block; the receptive field of one trunk output step is
   `receptive_field(cfg)` input samples, each layer adding (kernel-1)*dilation*(input samples per
   step at its rate):
-      1 + (15-1) + (9-1)*8 + sum_i (7-1)*dilation_i*32
-  lbitmix-tiny (dilations 1, 2, 4, 8): 2,959 samples = 5.9 s at 500 Hz, several beats, so a block
-  can compare neighbouring RR intervals; lbitmix (dilations 1, 2, 4, 8 twice): 5,839 samples = 11.7 s.
+      1 + (15-1) + (5-1)*8 + sum_i (7-1)*dilation_i*32
+  lbitmix-tiny (dilations 1, 2, 4, 8): 2,927 samples = 5.9 s at 500 Hz, several beats, so a block
+  can compare neighbouring RR intervals; lbitmix (dilations 1, 2, 4, 8 twice): 5,807 samples = 11.6 s.
 - Features: mean and max over time, concatenated (2*width): the mean of a beat detector counts
   beats (the rate), the max finds the most abnormal beat.
 - The two heads, the gating and the merge are those of every family (`TwoHeadNet`).
 
-lbitmix-tiny pretrains at the top of the stem, kernel, width, depth, pooling and context variants
-tried (validation mAP on three synthetic CODE-15 draws); the README has the comparison.
+The stem's second conv was first a depthwise 1x9 conv followed by a pointwise one, at the same
+latency; the full conv distilled into better students in 8 of 9 paired runs (the README has them).
 
-LoRA adapts every layer that mixes channels: the stem conv, the stem's pointwise conv, each
-block's expand and project, and the heads' first layers (classifier.0, auxiliary_classifier.0).
-Depthwise convs stay plain: their weights are few and per channel, and only their biases train
-under the LoRA rule. rank_list holds one rank per counted layer, in forward order: stem.conv,
-stem.pointwise, then expand and project of each block, then classifier.0 and classifier.1 (never
-adapted, its entry is ignored; auxiliary_classifier.0 takes classifier.0's rank).
+LoRA adapts every layer that mixes channels: both stem convs, each block's expand and project, and
+the heads' first layers (classifier.0, auxiliary_classifier.0). Depthwise convs stay plain: their
+weights are few and per channel, and only their biases train under the LoRA rule. rank_list holds
+one rank per counted layer, in forward order: stem.conv, stem.down, then expand and project of each
+block, then classifier.0 and classifier.1 (never adapted, its entry is ignored;
+auxiliary_classifier.0 takes classifier.0's rank).
 """
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from .heads import TwoHeadNet, ranks_per_layer
 from .lora import LoRAConv2d
 
-STEM_ADAPTED = 2            # stem.conv, stem.pointwise
+STEM_ADAPTED = 2            # stem.conv, stem.down
 ADAPTED_PER_BLOCK = 2       # expand, project
 CLASSIFIER_LAYERS = 2       # classifier.0 (adapted), classifier.1 (never)
 
@@ -52,7 +53,7 @@ class LBiTMixConfig:
     kernel: int = 7
     stem_kernel: int = 15
     stem_stride: int = 8
-    down_kernel: int = 9
+    down_kernel: int = 5
     down_stride: int = 4
 
     @property
@@ -85,8 +86,8 @@ class Depthwise(nn.Conv2d):
     when asked to pad by more than the kernel (the dilated blocks), and a pad is cheaper.
     """
 
-    def __init__(self, channels, kernel, stride=1, dilation=1):
-        super().__init__(channels, channels, (1, kernel), stride=(1, stride), dilation=(1, dilation), groups=channels)
+    def __init__(self, channels, kernel, dilation):
+        super().__init__(channels, channels, (1, kernel), dilation=(1, dilation), groups=channels)
         self.side = dilation * (kernel // 2)
 
     def forward(self, x):
@@ -94,22 +95,19 @@ class Depthwise(nn.Conv2d):
 
 
 class Stem(nn.Module):
-    """Down-sampling by stem_stride * down_stride: a strided conv over all leads, then a strided
-    depthwise conv and a pointwise mix to the trunk width."""
+    """Down-sampling by stem_stride * down_stride: two strided convs over all channels."""
 
     def __init__(self, inputchannel, cfg, ranks):
         super().__init__()
         self.conv = LoRAConv2d(inputchannel, cfg.stem_channels, (1, cfg.stem_kernel), r=ranks[0],
                                stride=(1, cfg.stem_stride), padding=(0, cfg.stem_kernel // 2))
         self.bn1 = nn.BatchNorm2d(cfg.stem_channels)
-        self.depthwise = Depthwise(cfg.stem_channels, cfg.down_kernel, stride=cfg.down_stride)
-        self.bn2 = nn.BatchNorm2d(cfg.stem_channels)
-        self.pointwise = LoRAConv2d(cfg.stem_channels, cfg.width, (1, 1), r=ranks[1])
-        self.bn3 = nn.BatchNorm2d(cfg.width)
+        self.down = LoRAConv2d(cfg.stem_channels, cfg.width, (1, cfg.down_kernel), r=ranks[1],
+                               stride=(1, cfg.down_stride), padding=(0, cfg.down_kernel // 2))
+        self.bn2 = nn.BatchNorm2d(cfg.width)
 
     def forward(self, x):
-        x = F.leaky_relu(self.bn1(self.conv(x)))
-        return F.leaky_relu(self.bn3(self.pointwise(self.bn2(self.depthwise(x)))))
+        return F.leaky_relu(self.bn2(self.down(F.leaky_relu(self.bn1(self.conv(x))))))
 
 
 class MixBlock(nn.Module):
@@ -138,6 +136,8 @@ class LBiTMix(TwoHeadNet):
             raise ValueError(f"rank_list has {len(rank_list)} entries, expected one per layer ({cfg.num_layers})")
         if not all(k % 2 for k in (cfg.kernel, cfg.stem_kernel, cfg.down_kernel)):
             raise ValueError(f"kernels must be odd so the padding is symmetric, got {cfg}")
+        if cfg.stem_kernel < cfg.stem_stride or cfg.down_kernel < cfg.down_stride:
+            raise ValueError(f"a stem kernel shorter than its stride skips samples, got {cfg}")
         ranks = [int(r) for r in rank_list]
         self.inputchannel = inputchannel
         self.downsample = cfg.downsample
