@@ -7,7 +7,6 @@ from .lbitmix import LBITMIX_CONFIGS, LBiTMix, LBiTMixConfig, receptive_field
 from .lora import LoRAConv2d, LoRALinear, LoRAQKV
 
 __all__ = ["CONFIGS", "MODEL_CONFIGS", "LBITMIX_CONFIGS", "NN_default", "LBiTMix", "LBiTMixConfig", "TwoHeadNet",
-           "HEAD_NAMES",
-           "build_model", "load_pretrained", "mark_only_lora_as_trainable", "is_lora_trainable", "belongs_to_heads",
-           "adapter_state_dict", "load_adapter_state", "receptive_field", "cutmix", "mask_leads",
+           "HEAD_NAMES", "build_model", "load_pretrained", "mark_only_lora_as_trainable", "is_lora_trainable",
+           "belongs_to_heads", "adapter_state_dict", "load_adapter_state", "receptive_field", "cutmix", "mask_leads",
            "LoRAConv2d", "LoRALinear", "LoRAQKV"]
