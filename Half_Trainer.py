@@ -1,4 +1,4 @@
-"""Training steps: H-Tuning (fused ZO/FO), pure ZO (MeZO) and ZO-sign, plain backprop.
+"""Training steps: H-Tuning (fused ZO/FO), pure ZO (MeZO) and ZO-sign, backprop, and a linear probe.
 
 H-Tuning estimates the gradient of the LoRA trunk (the "ZO set") from two forward passes over the
 whole batch, L(θ + εz) and L(θ − εz), without building an autograd graph, and backpropagates only
@@ -12,8 +12,12 @@ The ZO set is handled as one flat buffer: z is drawn once per step into it from 
 seeded generator (never the global RNG), the parameters are perturbed with `torch._foreach_*`
 ops, and a flat copy taken before the passes restores them bit-exactly afterwards. Both buffers
 are allocated once and reused, so a step allocates nothing per parameter.
+
+Every method has one name, the one `--zo_config` takes; METHODS says which step trains it and
+which parameters it trains.
 """
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,9 +29,46 @@ from model_src_ecg import belongs_to_heads
 COEF_EARLY, COEF_LATE, COEF_SWITCH = 0.99, 0.9, 0.2   # c while current/total < 0.2, then 0.9
 NORM_EPS = 1e-6
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
-TRAINERS = ("ho", "zo_opt", "zo_sign_opt", "bp")
 PERTURBATIONS = ("gaussian", "rademacher")
 
+# method -> which parameters it trains: the LoRA set (adapters, biases, classifier.1.weight),
+# every parameter, or the two heads alone on the frozen pretrained trunk
+METHODS = {
+    "htuning": "lora",      # fused ZO (whole batch) + FO (first bp_batch samples)
+    "lora_bp": "lora",      # backprop
+    "ft": "all",            # backprop, every parameter (the student trains this way too)
+    "zo": "lora",           # MeZO: two-point ZO for the trunk, heads by backprop on frozen features
+    "zo_sign": "lora",      # ZO-sign: sign of the two-point estimate
+    "probe": "heads",       # linear probe: the floor any fine-tuning should beat
+}
+# the published code's spellings, accepted on the command line
+ALIASES = {"evolution": "htuning", "H-Tuning": "htuning", "ho": "htuning", "purebp": "lora_bp", "bp": "lora_bp",
+           "FT": "ft", "zo_opt": "zo", "mezo": "zo", "zo_sign_opt": "zo_sign"}
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a step reads. main.step_config() builds one from the experiment's defaults."""
+    method: str                       # a key of METHODS
+    zo_eps: float                     # ε of the two-point estimate
+    q: int                            # ZO directions per step, averaged
+    bp_batch: int                     # samples of H-Tuning's FO pass
+    aux_weight: float                 # weight of the auxiliary head's loss
+    gradient_sparsity: object         # None, a fraction of z to zero, or {parameter name: fraction}
+    perturbation_mode: str            # "gaussian" or "rademacher" z
+    coef: float | None                # H-Tuning's c; None: the schedule (0.99, then 0.9 after 20%)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.perturbation_mode not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation_mode {self.perturbation_mode!r}; choose from {PERTURBATIONS}")
+        if int(self.q) < 1:
+            raise ValueError(f"q (ZO directions per step) must be >= 1, got {self.q}")
+
+    @property
+    def uses_zo(self):
+        return self.method in ("htuning", "zo", "zo_sign")
 
 def compute_loss(aux, main, labels, aux_weight, soft_targets=None):
     """BCE on the main head + aux_weight · BCE of the aux head on "any label" (+ BCE to soft targets)."""
@@ -96,44 +137,40 @@ def recomputing(model):
 
 
 class HalfTrainer:
-    """One object per run; `step` dispatches on args.trainer so the training loop has one call.
+    """One object per run; `step` runs the step of `cfg.method`, so the training loop has one call.
 
-    args: zo_eps, q, bp_batch, aux_weight, trainer ("ho", "zo_opt", "zo_sign_opt", "bp"),
-    gradient_sparsity (None, a float, or {parameter name: float}), perturbation_mode
-    ("gaussian" or "rademacher"), coef (None for the schedule, or a fixed c), seed.
+    cfg: a StepConfig. seed: where the per-step seeds of z come from.
     """
 
-    def __init__(self, model, optimizer, lr_scheduler, args):
-        if args.trainer not in TRAINERS:
-            raise ValueError(f"unknown trainer {args.trainer!r}; choose from {', '.join(TRAINERS)}")
-        self.perturbation_mode = getattr(args, "perturbation_mode", "gaussian")
-        if self.perturbation_mode not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation_mode {self.perturbation_mode!r}; choose from {PERTURBATIONS}")
-        if int(args.q) < 1:
-            raise ValueError(f"q (ZO directions per step) must be >= 1, got {args.q}")
-        self.model, self.optimizer, self.lr_scheduler, self.args = model, optimizer, lr_scheduler, args
-        named = zo_parameters(model)
+    def __init__(self, model, optimizer, lr_scheduler, cfg, seed=0):
+        self.model, self.optimizer, self.lr_scheduler, self.cfg = model, optimizer, lr_scheduler, cfg
+        self._steps = {"htuning": self.htuning_step, "zo": self.zo_step, "zo_sign": self.zo_step,
+                       "lora_bp": self.backprop_step, "ft": self.backprop_step, "probe": self.probe_step}
+        self.last_seed = None
+        self.last_projected_grad = None
+        self.last_zo_grad = {}
+        self.last_coef = None
+        self._seeds = torch.Generator().manual_seed(int(seed))
+        named = zo_parameters(model) if cfg.uses_zo else []
         self.zo_names = [n for n, _ in named]
         self.zo_params = [p for _, p in named]
-        if not self.zo_params:
+        if cfg.uses_zo and not self.zo_params:
             raise ValueError("no trainable parameter outside the heads: nothing for the ZO estimate")
+        if not self.zo_params:
+            return
         device, dtype = self.zo_params[0].device, self.zo_params[0].dtype
         sizes = [p.numel() for p in self.zo_params]
         self._z_flat = torch.empty(sum(sizes), device=device, dtype=dtype)
         self._backup_flat = torch.empty_like(self._z_flat)
         self.z = [v.view_as(p) for v, p in zip(self._z_flat.split(sizes), self.zo_params)]
         self._backup = [v.view_as(p) for v, p in zip(self._backup_flat.split(sizes), self.zo_params)]
-        self._zo_sum_flat = torch.zeros_like(self._z_flat) if int(args.q) > 1 else None
-        self._seeds = torch.Generator().manual_seed(int(getattr(args, "seed", 0)))
+        self._zo_sum_flat = torch.zeros_like(self._z_flat) if int(cfg.q) > 1 else None
         self._z_generator = torch.Generator(device=device)
         self._sparsity = self._sparsities()
-        self.last_seed = None
-        self.last_projected_grad = None
-        self.last_zo_grad = {}
 
     def _sparsities(self):
-        """Fraction of z zeroed per ZO tensor, from args.gradient_sparsity (None: dense z)."""
-        sparsity = getattr(self.args, "gradient_sparsity", None)
+        """Fraction of z zeroed per ZO tensor, from cfg.gradient_sparsity (None: dense z)."""
+        sparsity = self.cfg.gradient_sparsity
         if sparsity is None:
             return None
         if not isinstance(sparsity, dict):
@@ -143,14 +180,14 @@ class HalfTrainer:
     # ------------------------------------------------------------------ the shared pieces
     def _loss(self, inputs, labels, soft_targets=None):
         aux, main = self.model(inputs)
-        return compute_loss(aux, main, labels, self.args.aux_weight, soft_targets)
+        return compute_loss(aux, main, labels, self.cfg.aux_weight, soft_targets)
 
     def _draw_z(self):
         """Fill z for this step from a fresh seed; the sparsity mask is applied once, so every use agrees."""
         self.last_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         self._z_generator.manual_seed(self.last_seed)
         self._z_flat.normal_(generator=self._z_generator)
-        if self.perturbation_mode == "rademacher":
+        if self.cfg.perturbation_mode == "rademacher":
             self._z_flat.sign_()
         if self._sparsity is not None:
             for z, sparsity in zip(self.z, self._sparsity):
@@ -159,7 +196,7 @@ class HalfTrainer:
     @torch.no_grad()
     def _two_point(self, inputs, labels):
         """(L(θ+εz) − L(θ−εz)) / 2ε for a fresh z; the ZO set is restored bit-exactly."""
-        eps = self.args.zo_eps
+        eps = self.cfg.zo_eps
         self._draw_z()
         torch._foreach_copy_(self._backup, self.zo_params)
         with module_modes(self.model, "zo"):
@@ -176,7 +213,7 @@ class HalfTrainer:
 
         Also kept as `last_zo_grad` / `last_projected_grad`; the ZO set is left bit-identical.
         """
-        q = int(self.args.q)
+        q = int(self.cfg.q)
         if q > 1:
             self._zo_sum_flat.zero_()
         projections, losses = [], []
@@ -200,14 +237,14 @@ class HalfTrainer:
         self.lr_scheduler.step()
 
     # ------------------------------------------------------------------ the steps
-    def ho_step(self, inputs, labels, current, total):
+    def htuning_step(self, inputs, labels, current, total, soft_targets=None):
         """H-Tuning: ZO over the whole batch for the trunk, FO over the first bp_batch samples, fused."""
         g_zo, loss = self.zo_gradient(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        bp = self.args.bp_batch
+        bp = self.cfg.bp_batch
         with module_modes(self.model, "fo"), recomputing(self.model):
             self._loss(inputs[:bp], labels[:bp]).backward()
-        c = self.args.coef if getattr(self.args, "coef", None) is not None else mixing_coefficient(current, total)
+        c = self.last_coef = self.cfg.coef if self.cfg.coef is not None else mixing_coefficient(current, total)
         with torch.no_grad():
             g_fo = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.zo_params]
             fo_norms = torch._foreach_norm(g_fo)
@@ -220,26 +257,39 @@ class HalfTrainer:
         self._apply()
         return loss
 
-    def zo_step(self, inputs, labels):
-        """MeZO (ZO-sign when args.trainer is "zo_sign_opt"): trunk from the two-point estimate,
-        heads from the FO gradient of the full-batch loss on frozen features."""
-        g_zo, loss = self.zo_gradient(inputs, labels, use_sign=self.args.trainer == "zo_sign_opt")
+    def zo_step(self, inputs, labels, current=0, total=1, soft_targets=None):
+        """MeZO (ZO-sign when the method is "zo_sign"): trunk from the two-point estimate, heads
+        from the FO gradient of the full-batch loss on frozen features."""
+        g_zo, loss = self.zo_gradient(inputs, labels, use_sign=self.cfg.method == "zo_sign")
         self.optimizer.zero_grad(set_to_none=True)
         with module_modes(self.model, "zo"):
             with torch.no_grad():
                 features = self.model.feature_extraction(inputs)
             aux, main = self.model.heads(features)
-            compute_loss(aux, main, labels, self.args.aux_weight).backward()
+            compute_loss(aux, main, labels, self.cfg.aux_weight).backward()
         for p, g in zip(self.zo_params, g_zo):
             p.grad = g
         self._apply()
         return loss
 
-    def bp_step(self, inputs, labels, soft_targets=None):
+    def backprop_step(self, inputs, labels, current=0, total=1, soft_targets=None):
         """Plain backprop on the full batch (LoRA or full, whatever is trainable); with soft targets, KD."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
         loss = self._loss(inputs, labels, soft_targets)
+        loss.backward()
+        self._apply()
+        return float(loss.detach())
+
+    def probe_step(self, inputs, labels, current=0, total=1, soft_targets=None):
+        """Linear probe: the heads by backprop on the features of the frozen trunk, in eval mode
+        (its BatchNorm statistics stay the pretrained ones), so the trunk stores no activations."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        with torch.no_grad():
+            features = self.model.feature_extraction(inputs)
+        aux, main = self.model.heads(features)
+        loss = compute_loss(aux, main, labels, self.cfg.aux_weight, soft_targets)
         loss.backward()
         self._apply()
         return float(loss.detach())
@@ -252,8 +302,6 @@ class HalfTrainer:
         self._seeds.set_state(state)
 
     def step(self, inputs, labels, current, total, soft_targets=None):
-        if self.args.trainer == "ho":
-            return self.ho_step(inputs, labels, current, total)
-        if self.args.trainer in ("zo_opt", "zo_sign_opt"):
-            return self.zo_step(inputs, labels)
-        return self.bp_step(inputs, labels, soft_targets)
+        """One training step of the method on (inputs, labels); iteration `current` of `total`.
+        Returns the loss (the mean of L+ and L- for the ZO methods)."""
+        return self._steps[self.cfg.method](inputs, labels, current, total, soft_targets=soft_targets)

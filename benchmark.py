@@ -506,7 +506,7 @@ STEP_ROUNDS = 2  # every method measured once per round, rounds in opposite orde
 STEP_CPU_THREADS = 1
 
 
-def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total):
+def _naive_htuning_step(model, optimizer, scheduler, x, y, cfg, current, total):
     """H-Tuning the way the published code does it, kept as the baseline of the `step` section:
     per-parameter loops, the global RNG reseeded, z regenerated for every phase, gradients
     deep-copied. The maths is the fused step's (with the same loss on both ZO sides)."""
@@ -523,11 +523,11 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total)
         torch.manual_seed(seed)
         for p in zo:
             z = torch.normal(mean=0.0, std=1.0, size=p.size(), device=p.device, dtype=p.dtype)
-            p.data = p.data + scale * args.zo_eps * z
+            p.data = p.data + scale * cfg.zo_eps * z
 
     def loss_on(inputs, labels):
         aux, main = model(inputs)
-        return compute_loss(aux, main, labels, args.aux_weight)
+        return compute_loss(aux, main, labels, cfg.aux_weight)
 
     with torch.no_grad(), module_modes(model, "zo"):
         perturb(1)
@@ -535,10 +535,10 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total)
         perturb(-2)
         loss_minus = loss_on(x, y)
         perturb(1)
-    projected = float((loss_plus - loss_minus) / (2 * args.zo_eps))
+    projected = float((loss_plus - loss_minus) / (2 * cfg.zo_eps))
     optimizer.zero_grad()
     with module_modes(model, "fo"):
-        loss_on(x[:args.bp_batch], y[:args.bp_batch]).backward()
+        loss_on(x[:cfg.bp_batch], y[:cfg.bp_batch]).backward()
     fo_grads = copy.deepcopy([p.grad for p in zo])
     c = mixing_coefficient(current, total)
     torch.manual_seed(seed)
@@ -549,53 +549,44 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, args, current, total)
     scheduler.step()
 
 
-STEP_TRAINERS = {"htuning": "ho", "zo": "zo_opt", "zo_sign": "zo_sign_opt"}  # every other method: "bp"
-
-
 def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MODEL_SAMPLES):
     """Build what one method of the `step` and `memory` sections trains (model, AdamW, trainer,
-    one batch) and return step(i), which runs training step i with the project's own step code."""
-    import argparse
-
+    one batch) and return step(i), which runs training step i with the project's own step code.
+    The step's settings are main.py's, with this section's bp_batch."""
     import torch
 
-    from Half_Trainer import HalfTrainer
-    from model_src_ecg import build_model, mark_only_lora_as_trainable
+    import main
+    from Half_Trainer import METHODS, HalfTrainer
+    from model_src_ecg import build_model, mark_trainable
 
     torch.manual_seed(0)
-    full = method == "ft"
+    trained_method = method if method in METHODS else "htuning"   # htuning_naive and floor build H-Tuning's model
+    step_cfg = main.step_config(zo_config=trained_method, bp_batch=bp_batch)
+    trains = METHODS[trained_method]
     with device:  # built in place: FakeTensor parameters cannot be moved by Module.to
-        model = build_model(config, num_class, r=0 if full else LORA_RANK)
-    if not full:
-        mark_only_lora_as_trainable(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+        model = build_model(config, num_class, r=LORA_RANK if trains == "lora" else 0)
+    mark_trainable(model, trains)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  weight_decay=main.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 12, 1, samples, generator=g).to(device)
     y = (torch.rand(batch, num_class, generator=g) < 0.2).float().to(device)
-    args = argparse.Namespace(zo_eps=1e-3, q=1, bp_batch=bp_batch, aux_weight=1.0,
-                              trainer=STEP_TRAINERS.get(method, "bp"), gradient_sparsity=None,
-                              perturbation_mode="gaussian", coef=None, seed=0)
-    trainer = HalfTrainer(model, optimizer, scheduler, args)
+    trainer = HalfTrainer(model, optimizer, scheduler, step_cfg)
 
     def floor_step(i):
         with torch.no_grad():
             model(x)
             model(x)
-        trainer.bp_step(x[:bp_batch], y[:bp_batch])
+        trainer.backprop_step(x[:bp_batch], y[:bp_batch])
 
-    steps = {
-        "htuning": lambda i: trainer.ho_step(x, y, i, 100),
-        "htuning_naive": lambda i: _naive_htuning_step(model, optimizer, scheduler, x, y, args, i, 100),
-        "lora_bp": lambda i: trainer.bp_step(x, y),
-        "ft": lambda i: trainer.bp_step(x, y),
-        "zo": lambda i: trainer.zo_step(x, y),
-        "zo_sign": lambda i: trainer.zo_step(x, y),
-        "floor": floor_step,
-    }
-    if method not in steps:
-        raise ValueError(f"unknown step method {method!r}; choose from: {', '.join(steps)}")
-    return steps[method]
+    if method in METHODS:
+        return lambda i: trainer.step(x, y, i, 100)
+    if method == "htuning_naive":
+        return lambda i: _naive_htuning_step(model, optimizer, scheduler, x, y, step_cfg, i, 100)
+    if method == "floor":
+        return floor_step
+    raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
 
 
 def _step_method_figures(method, device, config, batch, bp_batch, num_class, repeats):

@@ -1,20 +1,18 @@
-"""Challenge 2021 and CODE-15 records -> the HDF5 files every pipeline reads; demo data; splits.
+"""Challenge 2021 and CODE-15 records -> the HDF5 files every pipeline reads.
 
-    python datacollection.py --data-root OriginalData --out Preprocessed_dataset [--datasets ...] [--workers N]
-    python datacollection.py --code15 DIR --out Preprocessed_dataset
-    python datacollection.py --demo [DIR]
+    python datacollection.py --data_root OriginalData --preprocessed_dir Preprocessed_dataset [--finetune_dataset ...]
+    python datacollection.py --code15_dir DIR --preprocessed_dir Preprocessed_dataset
+    python datacollection.py --demo [--demo_dir DIR]          # synthetic data (synthetic_ecg.py)
 
 Each record: physical = (adc - baseline) / gain, resampled to 500 Hz when needed, 3rd-order
 Butterworth 1-47 Hz band-pass forward-backward, each lead standardised, right-padded or cut to
 6144 samples, float32. Records stream through in chunks, so memory does not grow with the dataset.
+The flags and their defaults are main.py's.
 """
-import argparse
 import collections
 import json
 import logging
 import multiprocessing
-import os
-import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
@@ -22,21 +20,15 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.fft
-import scipy.io
-import torch
 import wfdb
 from scipy.signal import butter, filtfilt, resample_poly
 from tqdm import tqdm
 
-from helper_code import (DEMO_CLASSES, DEMO_DATASET, LABEL_ABBREVIATION, LABEL_NAME, REPO_ROOT, FlagParser,
-                         atomic_path, dataset_classes, float_in, int_at_least, setup_logging)
+from helper_code import (CHALLENGE_DATA_URL, CODE15_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, LABEL_ABBREVIATION,
+                         LABEL_NAME, LEADS, NUM_LEADS, atomic_path, dataset_classes, h5_name)
 
 log = logging.getLogger("datacollection")
 
-DATASETS = ("WFDB_Ga", "WFDB_PTBXL", "WFDB_Ningbo", "WFDB_ChapmanShaoxing")
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-NUM_LEADS = 12
 FS = 500                      # Hz, every stored record
 SAMPLES = 6144                # stored length: right-padded with zeros or cut
 BAND_HZ = (1.0, 47.0)
@@ -49,9 +41,8 @@ CODE15_LABELS = ("1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")
 CODE15_FS = 400
 CODE15_SAMPLES = 4096         # 10 s at 400 Hz, zero-padded symmetrically from 4000 in the real files
 
-CHALLENGE_SOURCE = ("the PhysioNet/CinC Challenge 2021 training data "
-                    "(https://physionet.org/content/challenge-2021/1.0.3/training/)")
-CODE15_SOURCE = "CODE-15% (https://zenodo.org/records/4916206)"
+CHALLENGE_SOURCE = f"the PhysioNet/CinC Challenge 2021 training data ({CHALLENGE_DATA_URL})"
+CODE15_SOURCE = f"CODE-15% ({CODE15_DATA_URL})"
 
 PREPROCESSING = {
     "fs": FS,
@@ -63,42 +54,10 @@ PREPROCESSING = {
     "dtype": "float32",
 }
 
-DATA_ROOT = REPO_ROOT / "OriginalData"            # one sub-folder per Challenge dataset
-PREPROCESSED_DIR = REPO_ROOT / "Preprocessed_dataset"
-DEMO_DIR = REPO_ROOT / "demo"
-
-# Demo sizes: small enough for the whole `main.py --demo` on 2 CPU cores, large enough to learn.
-DEMO_RECORDS = 1500
-DEMO_CODE15 = 2000
-DEMO_CODE15_PER_PART = 1000
-
 
 # ---------------------------------------------------------------------------------------------
 # Names and locations
 # ---------------------------------------------------------------------------------------------
-def h5_name(dataset, num_classes):
-    return f"class_sepe{num_classes}_dataset_{dataset}_32.hdf5"
-
-
-def find_dataset_h5(preprocessed_dir, dataset):
-    """The converted HDF5 of `dataset` in `preprocessed_dir`, whatever its class count."""
-    preprocessed_dir = Path(preprocessed_dir)
-    found = sorted(preprocessed_dir.glob(f"class_sepe*_dataset_{dataset}_32.hdf5"))
-    if len(found) > 1:
-        raise FileNotFoundError(f"several converted files for {dataset} in {preprocessed_dir}: "
-                                f"{', '.join(p.name for p in found)}; keep one")
-    if not found:
-        try:
-            expected = preprocessed_dir / h5_name(dataset, len(dataset_classes(dataset)))
-        except KeyError:
-            expected = preprocessed_dir / h5_name(dataset, "{C}")
-        raise FileNotFoundError(
-            f"no converted dataset at {expected}. Convert {CHALLENGE_SOURCE} with "
-            f"`python datacollection.py --data-root OriginalData --out {preprocessed_dir}`, "
-            f"or make synthetic data with `python datacollection.py --demo`")
-    return found[0]
-
-
 def missing_dataset_message(*dataset_dirs):
     return (f"dataset folder not found: {', '.join(str(d) for d in dataset_dirs)}. Each should hold that "
             f"dataset's records (.hea + .mat, sub-folders allowed) from {CHALLENGE_SOURCE}; "
@@ -353,6 +312,14 @@ def convert_challenge(dataset_dir, out_dir, dataset, workers=1, chunk=CHUNK):
     return out_path
 
 
+def convert_challenge_folders(data_root, datasets, out_dir, workers=1, chunk=CHUNK):
+    """Convert `data_root/{dataset}` for each of `datasets`; every folder is checked before any work."""
+    missing = [data_root / d for d in datasets if not (data_root / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(missing_dataset_message(*missing))
+    return [convert_challenge(data_root / dataset, out_dir, dataset, workers, chunk) for dataset in datasets]
+
+
 # ---------------------------------------------------------------------------------------------
 # CODE-15
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +343,7 @@ def convert_code15_chunk(part_path, start, stop, labels, known, is_valid):
     return ChunkResult(records, labels[keep], [str(e) for e in exam_ids[keep]], skipped, is_valid[keep])
 
 
-def convert_code15(code15_dir, out_dir, valid_fraction=0.1, seed=18, workers=1, chunk=CHUNK):
+def convert_code15(code15_dir, out_dir, valid_fraction, seed, workers=1, chunk=CHUNK):
     """CODE-15 -> CODE15_train_32.hdf5 and CODE15_valid_32.hdf5 (patients split, seeded)."""
     code15_dir, out_dir = Path(code15_dir), Path(out_dir)
     csv_path = code15_dir / "exams.csv"
@@ -411,7 +378,7 @@ def convert_code15(code15_dir, out_dir, valid_fraction=0.1, seed=18, workers=1, 
             is_valid[known] = exam_is_valid.loc[ids[known]].to_numpy()
             tasks.append((part_path, start, start + len(ids), labels, known, is_valid))
 
-    train_path, valid_path = out_dir / "CODE15_train_32.hdf5", out_dir / "CODE15_valid_32.hdf5"
+    train_path, valid_path = out_dir / CODE15_TRAIN_H5, out_dir / CODE15_VALID_H5
     attrs = {"dataset": "CODE15", "source_dir": str(code15_dir), "source_fs": CODE15_FS,
              "valid_fraction": valid_fraction, "split_seed": seed}
     skipped = collections.Counter()
@@ -435,343 +402,6 @@ def convert_code15(code15_dir, out_dir, valid_fraction=0.1, seed=18, workers=1, 
     return train_path, valid_path
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic ECGs for the demo: same generator for both formats, classes differ physiologically
-# ---------------------------------------------------------------------------------------------
-RHYTHMS = ("normal", "brady", "tachy", "af")
-RHYTHM_PROBS = (0.4, 0.2, 0.2, 0.2)
-HEART_RATE = {"normal": (62, 92), "brady": (38, 52), "tachy": (110, 150), "af": (70, 130)}
-IAVB_PROB = 0.25             # of sinus records; AF has no PR interval
-BBB_PROBS = (0.6, 0.2, 0.2)  # none, RBBB, LBBB
-
-# Per-lead amplitudes (mV) of each wave, leads in LEADS order.
-P_AMP = np.array([0.14, 0.25, 0.12, -0.18, 0.03, 0.18, 0.1, 0.14, 0.14, 0.14, 0.14, 0.12])
-Q_AMP = np.array([-0.05, -0.08, -0.04, 0.0, -0.04, -0.06, 0.0, 0.0, 0.0, -0.05, -0.08, -0.08])
-R_AMP = np.array([0.6, 1.0, 0.5, -0.7, 0.3, 0.7, 0.25, 0.5, 0.9, 1.3, 1.2, 0.9])
-S_AMP = np.array([-0.1, -0.2, -0.2, 0.1, -0.1, -0.2, -0.9, -1.2, -0.7, -0.4, -0.2, -0.1])
-T_AMP = np.array([0.2, 0.3, 0.1, -0.22, 0.08, 0.2, 0.05, 0.45, 0.45, 0.4, 0.3, 0.22])
-RBBB_RPRIME = np.array([0.0, 0.0, 0.0, 0.3, 0.0, 0.0, 0.7, 0.5, 0.2, 0.0, 0.0, 0.0])
-RBBB_SLUR = np.array([-0.35, -0.2, 0.0, 0.0, -0.3, 0.0, 0.0, 0.0, 0.0, -0.2, -0.35, -0.4])
-LBBB_NOTCH = np.array([0.6, 0.3, 0.0, -0.4, 0.6, 0.1, 0.0, 0.0, 0.0, 0.4, 0.8, 0.8])
-LBBB_DEEP_S = np.array([0.0, 0.0, -0.2, 0.0, 0.0, -0.1, -1.3, -1.6, -1.0, 0.0, 0.0, 0.0])
-T_RBBB = T_AMP * np.array([1, 1, 1, 1, 1, 1, -1.2, -0.8, 1, 1, 1, 1])        # inverted in V1-V2
-T_LBBB = -1.2 * np.abs(T_AMP) * np.sign(R_AMP + LBBB_NOTCH + LBBB_DEEP_S)      # discordant to the QRS
-F_WAVE_AMP = np.array([0.3, 0.6, 0.5, -0.4, 0.1, 0.5, 1.0, 0.6, 0.4, 0.3, 0.2, 0.2])
-TEMPLATE_S = (-0.45, 0.55)   # beat template window around the R peak, seconds
-
-
-def sample_conditions(n, rng):
-    """Per record: rhythm index into RHYTHMS, first-degree AV block flag, bundle branch block (0/1/2)."""
-    rhythm = rng.choice(len(RHYTHMS), size=n, p=RHYTHM_PROBS)
-    iavb = (rng.random(n) < IAVB_PROB) & (rhythm != RHYTHMS.index("af"))
-    bbb = rng.choice(3, size=n, p=BBB_PROBS)
-    return rhythm, iavb, bbb
-
-
-def synthesize_ecg(rhythm, iavb, bbb, fs, n_samples, rng):
-    """(B, 12, n_samples) physical ECG in mV: beat templates convolved with beat-time impulse trains.
-
-    Rate separates normal / brady / tachy; AF has irregular RR, no P wave and 4-8 Hz f-waves;
-    AV block lengthens PR; RBBB adds a late R' in V1-V2 and slurred S laterally; LBBB widens and
-    notches R laterally with deep broad S in V1-V3 and discordant T. Baseline wander, mains hum
-    and white noise on top.
-    """
-    batch = len(rhythm)
-    af = rhythm == RHYTHMS.index("af")
-    low = np.array([HEART_RATE[r][0] for r in RHYTHMS])[rhythm]
-    high = np.array([HEART_RATE[r][1] for r in RHYTHMS])[rhythm]
-    mean_rr = 60.0 / rng.uniform(low, high)
-    duration = n_samples / fs
-    max_beats = int(np.ceil((duration + 1.0) / 0.25)) + 2
-    jitter = np.where(af[:, None], 0.3, 0.02) * rng.standard_normal((batch, max_beats))
-    rr = np.clip(mean_rr[:, None] * np.exp(jitter), 0.25, 2.5)
-    beat_times = np.cumsum(rr, axis=1) - rr[:, :1] - rng.uniform(0, 1, batch)[:, None] * rr[:, :1]
-
-    # Beat template (B, 12, K) as a sum of Gaussian waves around the R peak.
-    tau = np.arange(int(TEMPLATE_S[0] * fs), int(TEMPLATE_S[1] * fs)) / fs
-    pre = -int(TEMPLATE_S[0] * fs)
-    lead_gain = 1 + 0.15 * rng.standard_normal((batch, NUM_LEADS))
-    qrs_scale = np.where(bbb > 0, rng.uniform(1.6, 1.9, batch), rng.uniform(0.9, 1.1, batch))
-    pr = np.where(iavb, rng.uniform(0.28, 0.36, batch), rng.uniform(0.13, 0.18, batch))
-    qt = np.clip(0.32 * np.sqrt(mean_rr), 0.2, 0.42) + 0.02 * (bbb > 0)
-    rbbb, lbbb = (bbb == 1)[:, None], (bbb == 2)[:, None]
-    t_amp = np.where(rbbb, T_RBBB, np.where(lbbb, T_LBBB, T_AMP))
-    waves = [  # (centre s, width s, per-lead amplitude)
-        (-pr, np.full(batch, 0.025), np.where(af[:, None], 0.0, P_AMP)),
-        (-0.025 * qrs_scale, 0.008 * qrs_scale, np.where(lbbb, 0.0, Q_AMP)),
-        (np.zeros(batch), 0.010 * qrs_scale, np.broadcast_to(R_AMP, (batch, NUM_LEADS))),
-        (0.025 * qrs_scale, 0.010 * qrs_scale, np.where(lbbb, 0.0, S_AMP)),
-        (qt, np.full(batch, 0.045), t_amp),
-        (np.full(batch, 0.07), np.full(batch, 0.018), np.where(rbbb, RBBB_RPRIME, 0.0)),
-        (np.full(batch, 0.06), np.full(batch, 0.022), np.where(rbbb, RBBB_SLUR, 0.0)),
-        (np.full(batch, 0.045), np.full(batch, 0.02), np.where(lbbb, LBBB_NOTCH, 0.0)),
-        (np.full(batch, 0.045), np.full(batch, 0.028), np.where(lbbb, LBBB_DEEP_S, 0.0)),
-    ]
-    template = np.zeros((batch, NUM_LEADS, len(tau)))
-    for centre, width, amplitude in waves:
-        shape = np.exp(-0.5 * ((tau[None, :] - centre[:, None]) / width[:, None]) ** 2)
-        template += (amplitude * lead_gain)[:, :, None] * shape[:, None, :]
-
-    # Impulse at each beat, convolved with the template through the FFT; output starts K samples in.
-    k = len(tau)
-    impulses = np.zeros((batch, n_samples + k), dtype=np.float32)
-    position = np.round(beat_times * fs).astype(np.int64) + k - pre
-    inside = (position >= 0) & (position < n_samples + k)
-    impulses[np.nonzero(inside)[0], position[inside]] = 1.0
-    n_fft = scipy.fft.next_fast_len(n_samples + 2 * k, real=True)
-    spectrum = scipy.fft.rfft(impulses, n_fft)[:, None, :] * scipy.fft.rfft(template.astype(np.float32), n_fft)
-    ecg = scipy.fft.irfft(spectrum, n_fft)[..., k:k + n_samples]
-
-    t = np.arange(n_samples) / fs
-    f_rate = rng.uniform(4.5, 8.0, batch)[:, None]
-    f_phase = 2 * np.pi * f_rate * t + 0.8 * np.sin(2 * np.pi * rng.uniform(0.1, 0.4, batch)[:, None] * t)
-    f_waves = rng.uniform(0.05, 0.1, batch)[:, None] * np.sin(f_phase + rng.uniform(0, 2 * np.pi, batch)[:, None])
-    ecg[af] += F_WAVE_AMP[:, None] * f_waves[af][:, None, :]
-    # Baseline wander: one slow sine per record, its phase per lead as a mix of sin and cos.
-    wander_phase = 2 * np.pi * rng.uniform(0.1, 0.4, (batch, 1, 1)) * t
-    lead_phase = rng.uniform(0, 2 * np.pi, (batch, NUM_LEADS, 1))
-    wander_amp = rng.uniform(0.05, 0.3, (batch, NUM_LEADS, 1))
-    ecg += wander_amp * (np.cos(lead_phase) * np.sin(wander_phase) + np.sin(lead_phase) * np.cos(wander_phase))
-    ecg += 0.02 * np.sin(2 * np.pi * 50 * t + rng.uniform(0, 2 * np.pi, (batch, 1, 1)))
-    ecg += rng.uniform(0.01, 0.03, (batch, 1, 1)) * rng.standard_normal((batch, NUM_LEADS, n_samples), dtype=np.float32)
-    return ecg
-
-
-def challenge_codes(rhythm, iavb, bbb):
-    """SNOMED codes of one synthetic record, as a Challenge header lists them."""
-    codes = [DEMO_CLASSES[rhythm]]  # rhythm index order matches DEMO_CLASSES: NSR, SB, STach, AF
-    if iavb:
-        codes.append(DEMO_CLASSES[4])
-    if bbb:
-        codes.append(DEMO_CLASSES[4 + bbb])
-    return codes
-
-
-def write_challenge_record(folder, name, physical, fs, codes, gains, baselines, age, sex):
-    """One record in the Challenge's format: WFDB header + MATLAB v4 `val` int16 (12 x n)."""
-    adc = np.clip(np.round(physical * gains[:, None] + baselines[:, None]), -32767, 32767).astype(np.int16)
-    scipy.io.savemat(folder / f"{name}.mat", {"val": adc}, format="4")
-    checksums = ((adc.astype(np.int64).sum(axis=1) + 32768) % 65536) - 32768
-    lines = [f"{name} {NUM_LEADS} {fs:g} {adc.shape[1]}"]
-    lines += [f"{name}.mat 16x1+24 {gains[i]:.1f}({baselines[i]})/mV 16 0 {adc[i, 0]} {checksums[i]} 0 {LEADS[i]}"
-              for i in range(NUM_LEADS)]
-    lines += [f"# Age: {age}", f"# Sex: {sex}", f"# Dx: {','.join(codes)}",
-              "# Rx: Unknown", "# Hx: Unknown", "# Sx: Unknown"]
-    (folder / f"{name}.hea").write_text("\n".join(lines) + "\n")
-
-
-def write_demo_challenge(folder, n_records, rng, fs=FS, seconds=10, batch=256):
-    """A Challenge-format folder of synthetic records named D00000, D00001, ..."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for start in range(0, n_records, batch):
-        n = min(batch, n_records - start)
-        rhythm, iavb, bbb = sample_conditions(n, rng)
-        signals = synthesize_ecg(rhythm, iavb, bbb, fs, int(seconds * fs), rng)
-        gains = rng.choice([200.0, 500.0, 1000.0], size=n)
-        baselines = rng.integers(-50, 51, size=(n, NUM_LEADS))
-        ages, sexes = rng.integers(18, 90, size=n), rng.choice(["Male", "Female"], size=n)
-        for i in range(n):
-            codes = challenge_codes(rhythm[i], iavb[i], bbb[i])
-            write_challenge_record(folder, f"D{start + i:05d}", signals[i], fs, codes,
-                                   np.full(NUM_LEADS, gains[i]), baselines[i], ages[i], sexes[i])
-
-
-def write_demo_code15(folder, n_exams, rng, per_part=DEMO_CODE15_PER_PART, batch=256):
-    """CODE-15 format: exams.csv + exams_part{k}.hdf5 (`tracings` (N, 4096, 12) at 400 Hz, `exam_id`)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    rhythm, iavb, bbb = sample_conditions(n_exams, rng)
-    exam_ids = 100000 + rng.permutation(10 * n_exams)[:n_exams]
-    patient_ids = rng.integers(0, max(1, int(0.8 * n_exams)), size=n_exams)
-    labels = {"1dAVb": iavb, "RBBB": bbb == 1, "LBBB": bbb == 2, "SB": rhythm == RHYTHMS.index("brady"),
-              "AF": rhythm == RHYTHMS.index("af"), "ST": rhythm == RHYTHMS.index("tachy")}
-    part_of = np.arange(n_exams) // per_part
-    exams = pd.DataFrame({"exam_id": exam_ids, "age": rng.integers(18, 90, n_exams),
-                          "is_male": rng.random(n_exams) < 0.5, **labels, "patient_id": patient_ids,
-                          "normal_ecg": ~np.any(list(labels.values()), axis=0),
-                          "trace_file": [f"exams_part{p}.hdf5" for p in part_of]})
-    exams.to_csv(folder / "exams.csv", index=False)
-    pad = (CODE15_SAMPLES - 10 * CODE15_FS) // 2
-    for part in np.unique(part_of):
-        rows = np.flatnonzero(part_of == part)
-        with h5py.File(folder / f"exams_part{part}.hdf5", "w") as f:
-            tracings = f.create_dataset("tracings", (len(rows), CODE15_SAMPLES, NUM_LEADS), dtype="float32")
-            f.create_dataset("exam_id", data=exam_ids[rows])
-            for start in range(0, len(rows), batch):
-                sub = rows[start:start + batch]
-                ecg = synthesize_ecg(rhythm[sub], iavb[sub], bbb[sub], CODE15_FS, 10 * CODE15_FS, rng)
-                tracings[start:start + len(sub), pad:pad + 10 * CODE15_FS] = np.transpose(ecg, (0, 2, 1))
-
-
-def make_demo(demo_dir=DEMO_DIR, seed=0, n_records=DEMO_RECORDS, n_code15=DEMO_CODE15, workers=1):
-    """Write synthetic Challenge- and CODE-15-format data under `demo_dir` and convert it like real data."""
-    demo_dir = Path(demo_dir)
-    raw_dir = demo_dir / "OriginalData"
-    out_dir = demo_dir / "Preprocessed_dataset"
-    rng = np.random.default_rng(seed)
-    write_demo_challenge(raw_dir / DEMO_DATASET, n_records, rng)
-    write_demo_code15(raw_dir / "CODE15", n_code15, rng)
-    log.info("demo: wrote %d Challenge-format records and %d CODE-15 exams under %s", n_records, n_code15, raw_dir)
-    challenge_h5 = convert_challenge(raw_dir / DEMO_DATASET, out_dir, DEMO_DATASET, workers=workers)
-    code15_train, code15_valid = convert_code15(raw_dir / "CODE15", out_dir, seed=seed, workers=workers)
-    return {"challenge_h5": challenge_h5, "code15_train": code15_train, "code15_valid": code15_valid,
-            "raw_dir": raw_dir}
-
-
-# ---------------------------------------------------------------------------------------------
-# Experiment splits and lazy datasets
-# ---------------------------------------------------------------------------------------------
-def iterative_stratification(labels, proportions, rng):
-    """Subset index per row, multi-label stratified (Sechidis, Tsoumakas & Vlahavas, 2011).
-
-    Repeatedly take the label with the fewest unassigned examples and give each of its examples
-    to the subset that still wants most of that label (ties: the subset wanting most examples
-    overall, then random). Rows without labels fill the subsets wanting most examples.
-    """
-    labels = np.asarray(labels) > 0
-    n_rows = len(labels)
-    proportions = np.asarray(proportions, dtype=np.float64) / np.sum(proportions)
-    wanted = proportions * n_rows
-    wanted_label = proportions[:, None] * labels.sum(axis=0)[None, :]
-    subset = np.full(n_rows, -1)
-    visit = rng.permutation(n_rows)
-
-    def pick(scores, tie_break):
-        best = np.flatnonzero(scores == scores.max())
-        if len(best) > 1:
-            best = best[tie_break[best] == tie_break[best].max()]
-        return best[0] if len(best) == 1 else rng.choice(best)
-
-    while True:
-        open_rows = visit[subset[visit] < 0]
-        remaining = labels[open_rows].sum(axis=0)
-        if not remaining.any():
-            break
-        label = np.flatnonzero(remaining == remaining[remaining > 0].min())[0]
-        for row in open_rows[labels[open_rows, label]]:
-            chosen = pick(wanted_label[:, label], wanted)
-            subset[row] = chosen
-            wanted_label[chosen] -= labels[row]
-            wanted[chosen] -= 1
-    for row in visit[subset[visit] < 0]:
-        chosen = pick(wanted, wanted)
-        subset[row] = chosen
-        wanted[chosen] -= 1
-    return subset
-
-
-class ECGH5Dataset(torch.utils.data.Dataset):
-    """Records of an HDF5 file read lazily by index; one file handle per process, opened on first use.
-
-    `leads`: indices (or names) of leads to keep; the others are zeroed (reduced-lead students).
-    """
-
-    def __init__(self, h5_path, indices=None, leads=None):
-        self.h5_path = Path(h5_path)
-        with h5py.File(self.h5_path, "r") as f:
-            all_labels = f["label_set"][:]
-        self.indices = np.arange(len(all_labels)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.labels = all_labels[self.indices].astype(np.float32)
-        self.num_classes = self.labels.shape[1]
-        self.lead_mask = None
-        if leads is not None:
-            keep = [LEADS.index(lead) if isinstance(lead, str) else int(lead) for lead in leads]
-            self.lead_mask = torch.zeros(NUM_LEADS, 1, 1)
-            self.lead_mask[keep] = 1.0
-        self._records = None
-        self._pid = None
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        if self._records is None or self._pid != os.getpid():
-            self._records = h5py.File(self.h5_path, "r")["record_set"]
-            self._pid = os.getpid()
-        x = torch.from_numpy(self._records[self.indices[i]])
-        if self.lead_mask is not None:
-            x = x * self.lead_mask
-        return x, torch.from_numpy(self.labels[i])
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_records"] = None
-        return state
-
-
-class ExperimentData(NamedTuple):
-    train: ECGH5Dataset
-    valid: ECGH5Dataset
-    test: ECGH5Dataset
-    positive_rates: np.ndarray
-    positive_probably: float
-    class_codes: list
-    class_names: list
-
-
-def load_experiment_datasets(h5_path, finetune_label_ratio=0.1, seed=18):
-    """The experiment split: stratified labelled pool (ratio) vs test, then pool 80% train / 20% valid."""
-    with h5py.File(h5_path, "r") as f:
-        labels = f["label_set"][:]
-        class_codes = [str(c) for c in f.attrs.get("class_codes", [])]
-        class_names = [str(c) for c in f.attrs.get("class_names", [])]
-    if not class_codes:  # a file converted elsewhere: only record_set and label_set
-        class_codes = [str(i) for i in range(labels.shape[1])]
-        class_names = list(class_codes)
-    rng = np.random.default_rng(seed)
-    first = iterative_stratification(labels, [finetune_label_ratio, 1 - finetune_label_ratio], rng)
-    pool, test = np.flatnonzero(first == 0), np.flatnonzero(first == 1)
-    second = iterative_stratification(labels[pool], [0.8, 0.2], rng)
-    train, valid = pool[second == 0], pool[second == 1]
-    positive_rates = labels[pool].mean(axis=0)
-    return ExperimentData(ECGH5Dataset(h5_path, train), ECGH5Dataset(h5_path, valid), ECGH5Dataset(h5_path, test),
-                          positive_rates, float(positive_rates.mean()), class_codes, class_names)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-def build_parser():
-    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=DATA_ROOT,
-                        help="folder holding one sub-folder per Challenge dataset (default: OriginalData in the repo)")
-    parser.add_argument("--out", type=Path, default=PREPROCESSED_DIR,
-                        help="where the HDF5 files go (default: Preprocessed_dataset in the repo; "
-                             "--demo uses DIR/Preprocessed_dataset)")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=[*DATASETS, DEMO_DATASET],
-                        help="which Challenge datasets to convert (default: all four)")
-    parser.add_argument("--workers", type=int_at_least(1), default=min(8, os.cpu_count() or 1),
-                        help="worker processes (default: CPU count, at most 8)")
-    parser.add_argument("--chunk", type=int_at_least(1), default=CHUNK, help="records per unit of work")
-    parser.add_argument("--code15", type=Path, default=None, metavar="DIR",
-                        help="convert CODE-15 (exams.csv + exams_part*.hdf5) in DIR instead")
-    parser.add_argument("--valid-fraction", type=float_in(0, 1), default=0.1, help="CODE-15 patients held out for validation")
-    parser.add_argument("--seed", type=int_at_least(0), default=18, help="CODE-15 patient split seed")
-    parser.add_argument("--demo", nargs="?", const=DEMO_DIR, type=Path, default=None, metavar="DIR",
-                        help="write synthetic demo data under DIR (default: demo in the repo) and convert it")
-    return parser
-
-
-def main(argv=None):
-    setup_logging()
-    args = build_parser().parse_args(argv)
-    try:
-        if args.demo is not None:
-            make_demo(args.demo, workers=args.workers)
-        elif args.code15 is not None:
-            convert_code15(args.code15, args.out, args.valid_fraction, args.seed, args.workers, args.chunk)
-        else:
-            missing = [args.data_root / d for d in args.datasets if not (args.data_root / d).is_dir()]
-            if missing:
-                raise FileNotFoundError(missing_dataset_message(*missing))
-            for dataset in args.datasets:
-                convert_challenge(args.data_root / dataset, args.out, dataset, args.workers, args.chunk)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
-
-
 if __name__ == "__main__":
-    main()
+    import main  # the flags and their defaults live there
+    main.main(prog="datacollection.py")

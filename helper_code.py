@@ -1,8 +1,8 @@
-"""Shared helpers: seeding, device choice, logging, atomic writes, peak-memory measurement
-(measured, and simulated by counting live tensor storage).
+"""Shared helpers: seeding, device choice, logging, flags, atomic writes, peak-memory measurement
+(measured, and simulated by counting live tensor storage); the names of the files every script
+shares; and the label facts.
 
-Every script in the repository imports these from here; nothing here knows about ECGs except
-the label facts further down.
+This module imports nothing from the project: every other module may import it.
 """
 import argparse
 import contextlib
@@ -307,10 +307,34 @@ class LiveStorageCounter(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the data come from, and the names of the files every script shares (the folders they
+# sit in are main.py's settings)
+# ---------------------------------------------------------------------------------------------
+CHALLENGE_DATA_URL = "https://physionet.org/content/challenge-2021/1.0.3/training/"
+CODE15_DATA_URL = "https://zenodo.org/records/4916206"
+PUBLISHED_BACKBONES = "the CODE-15 backbone of that name published with the H-Tuning paper's code (ICML 2025)"
+CODE15_TRAIN_H5 = "CODE15_train_32.hdf5"
+CODE15_VALID_H5 = "CODE15_valid_32.hdf5"
+
+
+def h5_name(dataset, num_classes):
+    """A converted Challenge dataset: `class_sepe{C}_dataset_{DATASET}_32.hdf5`."""
+    return f"class_sepe{num_classes}_dataset_{dataset}_32.hdf5"
+
+
+def backbone_name(pretrain, config):
+    """A CODE-15 backbone: `{pretrain}{config}bias_full_checkpoint.pkl`, the published files' pattern."""
+    return f"{pretrain}{config}bias_full_checkpoint.pkl"
+
+
+# ---------------------------------------------------------------------------------------------
 # Label facts: the project's own copy of the PhysioNet/CinC Challenge 2021 scored-label table.
 # One row per scored diagnosis, in the table's order: SNOMED CT code, abbreviation, name, and the
 # number of records carrying it in each source (columns in SOURCES order).
 # ---------------------------------------------------------------------------------------------
+LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+NUM_LEADS = len(LEADS)
+
 SOURCES = ("CPSC", "CPSC_Extra", "StPetersburg", "PTB", "PTB_XL", "Georgia", "Chapman_Shaoxing", "Ningbo")
 
 SCORED_LABELS = (
@@ -353,6 +377,7 @@ DATASET_SOURCE = {
     "WFDB_Ningbo": "Ningbo",
     "WFDB_ChapmanShaoxing": "Chapman_Shaoxing",
 }
+DATASETS = tuple(DATASET_SOURCE)   # G12EC, PTB-XL, Ningbo, Chapman-Shaoxing
 
 # A dataset keeps the codes counted more than this many times in its column.
 MIN_CLASS_COUNT = 200

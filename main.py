@@ -1,186 +1,325 @@
 """Run the paper's experiments: fine-tune the teacher, distil the student, write and print results.
 
-    python main.py                                  # evolution: H-Tuning teacher + distilled student, 4 datasets
+    python main.py                                  # H-Tuning teacher + distilled student on the 4 datasets
     python main.py --r 8 --seed 3 --finetune_dataset WFDB_PTBXL
-    python main.py --zo_config FT | purebp | zo | zo_sign | search
+    python main.py --zo_config ft | lora_bp | zo | zo_sign | probe | search | compare
     python main.py --seed 18 19 20                  # each seed in turn, then mean ± std over the seeds
     python main.py --demo                           # synthetic data, small backbones, minutes on a CPU
     python main.py ... --resume                     # continue the latest unfinished run of these settings
 
-Every constant below is a flag of the same name; pipeline_ecg.py takes the same flags for one
-dataset. Results go to `result_dir` as `.npy` (a list, one entry per dataset: the student's test
-metrics with the teacher's under "teacher") with a JSON beside it; a run never overwrites an
-earlier one, and a search appends after every grid point.
+The constants below are every default of the experiments, and each is a flag of the same name.
+pipeline_ecg.py (one dataset, one stage), pipeline_pretrain.py and datacollection.py take their
+flags from here too, so editing a constant changes every script that uses it. Results go to
+`result_dir` as `.npy` (a list, one entry per dataset: the student's test metrics with the
+teacher's under "teacher") with a JSON beside it; a run never overwrites an earlier one.
 """
 import argparse
-import csv
-import json
+import importlib
 import logging
+import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-import numpy as np
-
-from datacollection import DATASETS, find_dataset_h5, load_experiment_datasets, make_demo
-from helper_code import (DEMO_DATASET, REPO_ROOT, FlagParser, atomic_path, float_in, get_device, int_at_least,
-                         settings_differences, settings_digest, setup_logging, to_jsonable)
-import pipeline_ecg
-from model_src_ecg import MODEL_CONFIGS
-from pipeline_ecg import (NOT_AFFECTING_RESULTS, RunConfig, check_pretrained, finetune, load_merged, pretrained_path,
-                          run_teacher_and_student)
+import report
+from ecg_dataset import find_dataset_h5, load_experiment_datasets
+from Half_Trainer import ALIASES, METHODS, PERTURBATIONS, StepConfig
+from helper_code import (CHALLENGE_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT,
+                         FlagParser, float_in, get_device, int_at_least, setup_logging)
+from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
+from pipeline_ecg import RunConfig, check_pretrained, finetune, load_merged, pretrained_path, run_teacher_and_student
+from pipeline_pretrain import PretrainConfig
+from runs import load_results, open_run, save_results, write_manifest
 
 log = logging.getLogger("adagrad_fusion.main")
 
-# ---- experiment defaults (those of the reported runs); each is overridable by --NAME ----
-zo_config = "evolution"              # evolution | FT | purebp | zo | zo_sign | search
+# ---- the experiment (defaults of the reported runs) ----
+zo_config = "htuning"                # a method (htuning | lora_bp | ft | zo | zo_sign | probe), or search | compare
 finetune_dataset = list(DATASETS)    # G12EC, PTB-XL, Ningbo, Chapman-Shaoxing
 config = "medium"                    # teacher backbone
 student_config = "tinylight"
-r = 16
-batch_size = 128
-lr = None                            # None: 0.0025 when batch_size > 64 else 0.001 (LoRA); 0.001 (FT)
-student_lr = 0.001
-finetune_epoch = 200
-finetune_label_ratio = 0.1
-interval = 50
-patience = 10
 seed = [18]                          # several: run each in turn, then summarise mean ± std
+# ---- the step ----
+r = 16                               # LoRA rank
+bp_batch = 8                         # samples of H-Tuning's first-order pass
 zo_eps = 1e-3
-q = 1
-bp_batch = 8
+q = 1                                # ZO directions per step
 aux_weight = 1.0
-gradient_sparsity = None
+coef = None                          # H-Tuning's c; None: 0.99 for the first 20% of iterations, then 0.9
+perturbation_mode = "gaussian"       # z ~ N(0, 1), or rademacher (±1)
+gradient_sparsity = None             # fraction of z zeroed (a seeded mask, the same in every use of z)
+# ---- the schedule ----
+batch_size = 128
+lr = None                            # teacher; None: ft_lr for ft, else 0.0025 when batch_size > 64, else 0.001
+ft_lr = 0.001                        # the fully fine-tuned teacher (the published code prints 0.002, uses 0.001)
+student_lr = 0.001
+weight_decay = 0.01                  # AdamW
+warmup_fraction = 0.01               # linear warm-up over this fraction of the iterations, then linear decay
+finetune_epoch = 200
+doubled_datasets = ["WFDB_Ga", "WFDB_ChapmanShaoxing"]   # their iteration budget is doubled
+interval = 50                        # iterations between validations
+patience = 10                        # validations without a gain in mAP before stopping
+finetune_label_ratio = 0.1           # the labelled pool; the rest is the test set
+# ---- the student ----
 leads_for_student = 12               # 12 | 3 (II, V1, V5) | 1 (I)
 distill = True                       # --no-distill: the student learns from the labels alone
+# ---- backbones, and pretraining them on CODE-15 (pipeline_pretrain.py; the demo) ----
 pretrained = True                    # --no-pretrained: start from random weights
-pretrain = "CODE_test"               # checkpoint prefix: {pretrain}{config}bias_full_checkpoint.pkl
-preprocessed_dir = REPO_ROOT / "Preprocessed_dataset"
-checkpoint_dir = REPO_ROOT / "pretrained_checkpoint"
-result_dir = REPO_ROOT / "result"
+pretrain = "CODE_test"               # backbone file prefix: {pretrain}{config}bias_full_checkpoint.pkl
+pretrain_epochs = 30
+pretrain_batch_size = 64             # per process
+pretrain_lr = 0.001
+pretrain_patience = 5                # epochs without a validation mAP gain
+# ---- search and compare ----
 search_zo_eps = [1e-3, 5e-4, 2e-4, 1e-4]
 search_bp_batch = [2, 4, 8]
 search_r = [4, 8, 16]
+compare_methods = ["ft", "lora_bp", "htuning", "zo", "zo_sign", "probe"]
+# ---- where files are, and how a run goes ----
+data_root = REPO_ROOT / "OriginalData"          # one sub-folder per Challenge dataset
+code15_dir = None                               # CODE-15 as downloaded (exams.csv + exams_part*.hdf5)
+code15_valid_fraction = 0.1                     # CODE-15 patients held out for validation
+preprocessed_dir = REPO_ROOT / "Preprocessed_dataset"
+code15_train = None                             # None: preprocessed_dir / CODE15_train_32.hdf5
+code15_valid = None                             # None: preprocessed_dir / CODE15_valid_32.hdf5
+checkpoint_dir = REPO_ROOT / "pretrained_checkpoint"
+result_dir = REPO_ROOT / "result"
+demo_dir = REPO_ROOT / "demo"
 workers = 0                          # DataLoader worker processes
+convert_workers = 8                  # datacollection.py's worker processes (at most the CPU count)
 device = None                        # None: cuda when present
 demo = False
 resume = False
-# pipeline_ecg.py only: which stage to run on its one dataset, and the merged teacher to distil from
 stage = "both"                       # both | teacher | student
-teacher = None
+teacher = None                       # a finished teacher (merged_*_teacher.pt) to distil from, with --stage student
 
-# ---- the demo: synthetic data under demo_dir, backbones pretrained on its CODE-15 part ----
-demo_dir = REPO_ROOT / "demo"
+# ---- the demo: synthetic data under demo_dir, small backbones pretrained on its CODE-15 part ----
 DEMO_SETTINGS = dict(config="tiny", finetune_dataset=[DEMO_DATASET], batch_size=32, finetune_epoch=30,
-                     finetune_label_ratio=0.1, interval=8, patience=4, lr=0.004, student_lr=0.002)
-DEMO_PRETRAIN = dict(epochs=1, batch_size=32, lr=0.002, patience=1)
+                     finetune_label_ratio=0.1, interval=8, patience=4, lr=0.004, student_lr=0.002,
+                     pretrain_epochs=1, pretrain_batch_size=32, pretrain_lr=0.002, pretrain_patience=1)
 
-MODES = {"evolution": "H-Tuning", "FT": "FT", "purebp": "bp", "zo": "zo", "zo_sign": "zo_sign", "search": "H-Tuning"}
+RUN_MODES = ("search", "compare")
+# each constant's comment above, shown by --help
+CONSTANT_COMMENTS = dict(re.findall(r"^(\w+) = [^#\n]*# (.*)$", Path(__file__).read_text(), re.MULTILINE))
 STAGES = ("both", "teacher", "student")
-TABLE_FIGURES = (("macro AUROC", "auc_roc_macro", "{:.4f}"), ("F-beta", "F1score_b", "{:.4f}"),
-                 ("mAP", "Map_value", "{:.2f}"), ("Challenge", "challenge_score", "{:.4f}"),
-                 ("trainable", "trainable_num", "{:,}"),
-                 ("peak MiB", "memory", "{:.1f}"), ("s/iter", "time", "{:.3f}"))
-SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time")
-CHALLENGE_DATA = "https://physionet.org/content/challenge-2021/1.0.3/training/"
-# settings that say where files go, how fast a run goes, or which run to continue: never its numbers
-RUN_LOCATION = ("checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume")
-SEARCH_GRID_FIELDS = ("zo_eps", "bp_batch", "r")
 
 
-def build_parser(pipeline=False):
-    """One flag per constant above, checked as it is parsed; flags not given are absent from the
-    namespace. pipeline=True: pipeline_ecg.py's flags (one dataset, one seed, --stage, --teacher)."""
-    parser = FlagParser(prog="pipeline_ecg.py" if pipeline else "main.py",
-                        description=pipeline_ecg.__doc__ if pipeline else __doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        argument_default=argparse.SUPPRESS)
-    add = parser.add_argument
-    modes = [m for m in MODES if not (pipeline and m == "search")]
-    add("--zo_config", choices=modes, help=f"mode (default {zo_config})")
+# ---------------------------------------------------------------------------------------------
+# Flags: one per constant above; each script takes the ones it uses
+# ---------------------------------------------------------------------------------------------
+EXPERIMENT_FLAGS = (
+    "zo_config", "finetune_dataset", "config", "student_config", "seed", "r", "bp_batch", "zo_eps", "q",
+    "aux_weight", "coef", "perturbation_mode", "gradient_sparsity", "batch_size", "lr", "ft_lr", "student_lr",
+    "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "patience",
+    "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
+    "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
+    "demo_dir", "workers", "device", "demo", "resume", "stage", "teacher")
+SCRIPT_FLAGS = {
+    "main.py": EXPERIMENT_FLAGS + ("search_zo_eps", "search_bp_batch", "search_r", "compare_methods"),
+    "pipeline_ecg.py": EXPERIMENT_FLAGS,
+    "pipeline_pretrain.py": ("config", "seed", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr",
+                             "pretrain_patience", "weight_decay", "warmup_fraction", "aux_weight", "code15_train",
+                             "code15_valid", "preprocessed_dir", "pretrain", "checkpoint_dir", "workers", "device"),
+    "datacollection.py": ("data_root", "preprocessed_dir", "finetune_dataset", "convert_workers", "code15_dir",
+                          "code15_valid_fraction", "seed", "demo", "demo_dir"),
+}
+# flags that take one value in these scripts (several elsewhere)
+ONE_VALUE = {"pipeline_ecg.py": ("finetune_dataset", "seed"), "pipeline_pretrain.py": ("seed",)}
+# earlier spellings, still accepted
+OLD_SPELLINGS = {
+    "pipeline_pretrain.py": {"pretrain_epochs": "--epochs", "pretrain_batch_size": "--batch_size",
+                             "pretrain_lr": "--lr", "pretrain_patience": "--patience", "code15_train": "--train",
+                             "code15_valid": "--valid"},
+    "datacollection.py": {"data_root": "--data-root", "preprocessed_dir": "--out", "finetune_dataset": "--datasets",
+                          "convert_workers": "--workers", "code15_dir": "--code15",
+                          "code15_valid_fraction": "--valid-fraction"},
+}
+
+
+def method_name(text):
+    """argparse type of --zo_config: a method, search or compare; the published spellings are aliases."""
+    name = ALIASES.get(text, text)
+    if name not in METHODS and name not in RUN_MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                         f"{', '.join([*METHODS, *RUN_MODES])}; also {', '.join(ALIASES)})")
+    return name
+
+
+def flag_spec(name):
+    """argparse keywords of the flag `--name`: type, the values it accepts, and its help."""
     datasets = [*DATASETS, DEMO_DATASET]
-    if pipeline:
-        add("--finetune_dataset", choices=datasets, help="the dataset to run (default WFDB_Ga)")
-        add("--seed", type=int_at_least(0), help=f"default {seed[0]}")
-        add("--stage", choices=STAGES, help=f"teacher then student, or one of them (default {stage})")
-        add("--teacher", type=Path, help="merged_*.pt of a finished teacher to distil from (with --stage student)")
+    at_least = {"r": 0, "bp_batch": 1, "q": 1, "batch_size": 1, "finetune_epoch": 1, "interval": 1, "patience": 1,
+                "pretrain_epochs": 1, "pretrain_batch_size": 1, "pretrain_patience": 1, "workers": 0,
+                "convert_workers": 1}
+    number_in = {"zo_eps": float_in(0), "aux_weight": float_in(0, low_closed=True),
+                 "coef": float_in(0, 1, low_closed=True, high_closed=True),
+                 "gradient_sparsity": float_in(0, 1, low_closed=True), "lr": float_in(0), "ft_lr": float_in(0),
+                 "student_lr": float_in(0), "weight_decay": float_in(0, low_closed=True),
+                 "warmup_fraction": float_in(0, 1, low_closed=True), "finetune_label_ratio": float_in(0, 1),
+                 "pretrain_lr": float_in(0), "code15_valid_fraction": float_in(0, 1)}
+    special = {
+        "zo_config": dict(type=method_name, metavar="METHOD"),
+        "finetune_dataset": dict(nargs="+", choices=datasets),
+        "doubled_datasets": dict(nargs="*", choices=datasets),
+        "config": dict(choices=list(MODEL_CONFIGS)),
+        "student_config": dict(choices=list(MODEL_CONFIGS)),
+        "seed": dict(nargs="+", type=int_at_least(0)),
+        "perturbation_mode": dict(choices=PERTURBATIONS),
+        "leads_for_student": dict(type=int, choices=sorted(KEPT_LEADS, reverse=True)),
+        "distill": dict(action=argparse.BooleanOptionalAction),
+        "pretrained": dict(action=argparse.BooleanOptionalAction),
+        "search_zo_eps": dict(nargs="+", type=float_in(0)),
+        "search_bp_batch": dict(nargs="+", type=int_at_least(1)),
+        "search_r": dict(nargs="+", type=int_at_least(0)),
+        "compare_methods": dict(nargs="+", type=method_name, metavar="METHOD"),
+        "device": dict(choices=["cpu", "cuda"]),
+        "demo": dict(action="store_true"),
+        "resume": dict(action="store_true"),
+        "stage": dict(choices=STAGES),
+        "teacher": dict(type=Path),
+        "pretrain": dict(),
+    }
+    if name in at_least:
+        spec = dict(type=int_at_least(at_least[name]))
+    elif name in number_in:
+        spec = dict(type=number_in[name])
+    elif name in special:
+        spec = dict(special[name])
     else:
-        add("--finetune_dataset", nargs="+", choices=datasets, help="datasets to run, in order (default: the four)")
-        add("--seed", nargs="+", type=int_at_least(0), help=f"one or more seeds, run in turn (default {seed})")
-    add("--config", choices=list(MODEL_CONFIGS), help=f"teacher backbone (default {config})")
-    add("--student_config", choices=list(MODEL_CONFIGS), help=f"student backbone (default {student_config})")
-    for name, low in (("r", 0), ("batch_size", 1), ("finetune_epoch", 1), ("interval", 1), ("patience", 1),
-                      ("q", 1), ("bp_batch", 1), ("workers", 0)):
-        add(f"--{name}", type=int_at_least(low), help=f"default {globals()[name]}")
-    for name, interval_type in (("lr", float_in(0)), ("student_lr", float_in(0)),
-                                ("finetune_label_ratio", float_in(0, 1)), ("zo_eps", float_in(0)),
-                                ("aux_weight", float_in(0, low_closed=True)),
-                                ("gradient_sparsity", float_in(0, 1, low_closed=True))):
-        add(f"--{name}", type=interval_type, help=f"default {globals()[name]}")
-    add("--leads_for_student", type=int, choices=[12, 3, 1], help=f"default {leads_for_student}")
-    add("--distill", action=argparse.BooleanOptionalAction,
-        help="distil the student from the teacher (default on)")
-    add("--pretrained", action=argparse.BooleanOptionalAction,
-        help="start from CODE-15 backbones (default on)")
-    add("--pretrain", help=f"checkpoint name prefix (default {pretrain})")
-    for name in ("preprocessed_dir", "checkpoint_dir", "result_dir", "demo_dir"):
-        add(f"--{name}", type=Path, help=f"default {globals()[name]}")
-    if not pipeline:
-        add("--search_zo_eps", nargs="+", type=float_in(0), help=f"search grid (default {search_zo_eps})")
-        add("--search_bp_batch", nargs="+", type=int_at_least(1), help=f"search grid (default {search_bp_batch})")
-        add("--search_r", nargs="+", type=int_at_least(0), help=f"search grid (default {search_r})")
-    add("--device", choices=["cpu", "cuda"], help="default: cuda when present")
-    add("--demo", action="store_true", help="synthetic demo data, small backbones pretrained on it; minutes on a CPU")
-    add("--resume", action="store_true", help="continue the latest unfinished run with the same settings")
+        spec = dict(type=Path)
+    explained = f"{CONSTANT_COMMENTS.get(name, '')} (default: {globals()[name]})".lstrip()
+    return {**spec, "help": explained.replace("%", "%%")}
+
+
+def build_parser(prog="main.py"):
+    """The flags of `prog` (a script's file name); flags not given stay absent from the namespace."""
+    parser = FlagParser(prog=prog, description=importlib.import_module(Path(prog).stem).__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    for name in SCRIPT_FLAGS[prog]:
+        spec = flag_spec(name)
+        if name in ONE_VALUE.get(prog, ()):
+            spec.pop("nargs")
+        if name == "zo_config" and prog == "pipeline_ecg.py":
+            spec["type"] = one_method
+        old = OLD_SPELLINGS.get(prog, {}).get(name)
+        parser.add_argument(f"--{name}", *([old] if old else []), dest=name, **spec)
     return parser
 
 
-def settings_from(parser, argv, pipeline=False):
+def one_method(text):
+    """argparse type of pipeline_ecg.py's --zo_config: a method (search and compare run from main.py)."""
+    name = method_name(text)
+    if name in RUN_MODES:
+        raise argparse.ArgumentTypeError(f"{name} runs from main.py; here choose a method: {', '.join(METHODS)}")
+    return name
+
+
+def defaults():
+    """Every constant above that is a flag, by name."""
+    return {name: globals()[name] for names in SCRIPT_FLAGS.values() for name in names}
+
+
+def settings_from(parser, argv):
     """The constants, then the demo's (with --demo), then the flags given: later wins. Checks what
     no single flag can: bp_batch within the batch, and the stage/teacher combination."""
-    settings = {a.dest: globals()[a.dest] for a in parser._actions if a.dest != "help"}
     given = vars(parser.parse_args(argv))
-    if given.get("demo"):
+    settings = {name: globals()[name] for name in SCRIPT_FLAGS[parser.prog]}
+    if given.get("demo") and parser.prog != "datacollection.py":
         root = Path(given.get("demo_dir", demo_dir))
-        settings.update(DEMO_SETTINGS, preprocessed_dir=root / "Preprocessed_dataset",
-                        checkpoint_dir=root / "pretrained_checkpoint", result_dir=root / "result")
+        settings.update({k: v for k, v in DEMO_SETTINGS.items() if k in settings},
+                        preprocessed_dir=root / "Preprocessed_dataset", checkpoint_dir=root / "pretrained_checkpoint",
+                        result_dir=root / "result")
     settings.update(given)
     args = argparse.Namespace(**settings)
-    if pipeline:
-        args.finetune_dataset = [given.get("finetune_dataset", args.finetune_dataset[0])]
-        args.seed = [args.seed] if isinstance(args.seed, int) else args.seed
-    if args.bp_batch > args.batch_size:
+    for name in ONE_VALUE.get(parser.prog, ()):  # given: one value; not given: the first default
+        setattr(args, name, [given[name]] if name in given else getattr(args, name)[:1])
+    if "bp_batch" in settings and args.bp_batch > args.batch_size:
         parser.error(f"argument --bp_batch: must be at most --batch_size ({args.batch_size}), got {args.bp_batch}")
-    if not pipeline and args.zo_config == "search" and max(args.search_bp_batch) > args.batch_size:
+    if "search_bp_batch" in settings and args.zo_config == "search" and max(args.search_bp_batch) > args.batch_size:
         parser.error(f"argument --search_bp_batch: every value must be at most --batch_size ({args.batch_size}), "
                      f"got {max(args.search_bp_batch)}")
-    if pipeline:
-        if args.teacher is not None and (args.stage != "student" or not args.distill):
-            parser.error("argument --teacher: only with --stage student and distillation on")
-        if args.stage == "student" and args.distill and args.teacher is None:
-            parser.error("argument --teacher: --stage student distils from a merged teacher file "
-                         "(merged_*_teacher.pt); name one, or pass --no-distill")
-        if args.teacher is not None and not Path(args.teacher).is_file():
-            parser.error(f"argument --teacher: file not found: {args.teacher}")
+    if "teacher" in settings:
+        check_stage_flags(parser, args)
     return args
 
 
-def run_configs(args, run_name, resuming=False):
-    teacher_cfg = RunConfig(config=args.config, tuning=MODES[args.zo_config], r=args.r, batch_size=args.batch_size,
-                            lr=args.lr, finetune_epoch=args.finetune_epoch, interval=args.interval,
-                            patience=args.patience, seed=args.seed, zo_eps=args.zo_eps, q=args.q,
-                            bp_batch=args.bp_batch, aux_weight=args.aux_weight,
-                            gradient_sparsity=args.gradient_sparsity, pretrain=args.pretrain,
-                            pretrained=args.pretrained, checkpoint_dir=Path(args.checkpoint_dir),
-                            result_dir=Path(args.result_dir), run_name=run_name, workers=args.workers,
-                            resume=resuming)
-    student_cfg = replace(teacher_cfg, config=args.student_config, tuning="FT", lr=args.student_lr,
-                          leads=args.leads_for_student)
-    return teacher_cfg, student_cfg
+def check_stage_flags(parser, args):
+    if args.teacher is not None and (args.stage != "student" or not args.distill):
+        parser.error("argument --teacher: only with --stage student and distillation on")
+    if args.stage == "student" and args.distill and args.teacher is None:
+        parser.error("argument --teacher: --stage student distils from a merged teacher file "
+                     "(merged_*_teacher.pt); name one, or pass --no-distill")
+    if args.teacher is not None and (len(args.finetune_dataset) > 1 or len(args.seed) > 1):
+        parser.error("argument --teacher: a teacher file belongs to one dataset and seed; give one of each")
+    if args.teacher is not None and not Path(args.teacher).is_file():
+        parser.error(f"argument --teacher: file not found: {args.teacher}")
+    if args.stage != "both" and args.zo_config in RUN_MODES:
+        parser.error(f"argument --stage: {args.zo_config} runs both stages")
 
 
+# ---------------------------------------------------------------------------------------------
+# Settings -> the typed configs the libraries read
+# ---------------------------------------------------------------------------------------------
+def teacher_lr(method, batch_size, lr, ft_lr):
+    """lr when given; else ft_lr for full fine-tuning, and the paper's LoRA rule otherwise."""
+    if lr is not None:
+        return lr
+    if method == "ft":
+        return ft_lr
+    return 0.0025 if batch_size > 64 else 0.001
+
+
+def step_config(**overrides):
+    """The step's settings: the constants above, with overrides (zo_config names the method)."""
+    settings = {**defaults(), **overrides}
+    return StepConfig(method=ALIASES.get(settings["zo_config"], settings["zo_config"]),
+                      **{f.name: settings[f.name] for f in fields(StepConfig) if f.name != "method"})
+
+
+def first_seed(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def run_config(run_name="run", **overrides):
+    """The teacher's RunConfig: the constants above with overrides (the first seed, when several)."""
+    s = {**defaults(), **overrides}
+    step = step_config(**s)
+    return RunConfig(config=s["config"], step=step, r=s["r"], batch_size=s["batch_size"],
+                     lr=teacher_lr(step.method, s["batch_size"], s["lr"], s["ft_lr"]),
+                     weight_decay=s["weight_decay"], warmup_fraction=s["warmup_fraction"],
+                     finetune_epoch=s["finetune_epoch"], doubled_datasets=tuple(s["doubled_datasets"]),
+                     interval=s["interval"], patience=s["patience"], seed=first_seed(s["seed"]), leads=12,
+                     pretrain=s["pretrain"], pretrained=s["pretrained"], checkpoint_dir=Path(s["checkpoint_dir"]),
+                     result_dir=Path(s["result_dir"]), run_name=run_name, workers=s["workers"], resume=s["resume"])
+
+
+def student_config_of(teacher_cfg, **overrides):
+    """The student's RunConfig: the teacher's, fully fine-tuned, with the student's backbone, lr and leads."""
+    s = {**defaults(), **overrides}
+    return replace(teacher_cfg, config=s["student_config"], step=replace(teacher_cfg.step, method="ft"),
+                   lr=s["student_lr"], leads=s["leads_for_student"])
+
+
+def pretrain_config(**overrides):
+    """Pretraining's settings: the constants above, with overrides (the first seed, when several)."""
+    s = {**defaults(), **overrides}
+    return PretrainConfig(config=s["config"], epochs=s["pretrain_epochs"], batch_size=s["pretrain_batch_size"],
+                          lr=s["pretrain_lr"], patience=s["pretrain_patience"], seed=first_seed(s["seed"]),
+                          weight_decay=s["weight_decay"], warmup_fraction=s["warmup_fraction"],
+                          aux_weight=s["aux_weight"], workers=s["workers"])
+
+
+def configs_of(args, run_name, resuming=False, method=None):
+    """(teacher's, student's RunConfig) of a run; `method` overrides the teacher's (search, compare)."""
+    teacher_cfg = run_config(run_name, **{**vars(args), "resume": resuming, "zo_config": method or args.zo_config})
+    return teacher_cfg, student_config_of(teacher_cfg, **vars(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Before any work: the data and the backbones a run needs
+# ---------------------------------------------------------------------------------------------
 def locate_datasets(args):
     """HDF5 path per dataset, or one message naming everything missing and how to get it."""
     found, missing = {}, []
@@ -192,22 +331,26 @@ def locate_datasets(args):
     if missing:
         raise SystemExit(
             f"error: no converted HDF5 (class_sepe*_dataset_{{DATASET}}_32.hdf5) in {args.preprocessed_dir} for: "
-            f"{', '.join(missing)}. Download the PhysioNet/CinC Challenge 2021 training data ({CHALLENGE_DATA}) "
+            f"{', '.join(missing)}. Download the PhysioNet/CinC Challenge 2021 training data ({CHALLENGE_DATA_URL}) "
             f"into OriginalData/ (one folder per dataset: {', '.join(DATASETS)}) and convert it with "
-            f"`python datacollection.py --data-root OriginalData --out {args.preprocessed_dir}`; "
+            f"`python datacollection.py --data_root OriginalData --preprocessed_dir {args.preprocessed_dir}`; "
             f"or try the whole pipeline on synthetic data with `python main.py --demo`")
     return found
+
+
+def backbones_needed(args):
+    """The backbone configs this run loads."""
+    trains_teacher = args.stage != "student"
+    trains_student = args.zo_config not in RUN_MODES and args.stage != "teacher"
+    return list(dict.fromkeys([args.config] * trains_teacher + [args.student_config] * trains_student))
 
 
 def check_checkpoints(args):
     """Every backbone file this run will load, or one message naming each missing one."""
     if not args.pretrained:
         return
-    trains_teacher = getattr(args, "stage", "both") != "student"
-    trains_student = args.zo_config != "search" and getattr(args, "stage", "both") != "teacher"
-    configs = [args.config] * trains_teacher + [args.student_config] * trains_student
     errors = []
-    for config_name in dict.fromkeys(configs):
+    for config_name in backbones_needed(args):
         try:
             check_pretrained(pretrained_path(args.checkpoint_dir, args.pretrain, config_name), config_name)
         except FileNotFoundError as error:
@@ -216,257 +359,108 @@ def check_checkpoints(args):
         raise SystemExit("\n".join(errors))
 
 
-# ---------------------------------------------------------------------------------------------
-# Results: one writer, one table, for main.py and pipeline_ecg.py alike
-# ---------------------------------------------------------------------------------------------
-def save_results(npy_path, results):
-    """The whole list as .npy and JSON beside it, each written atomically (never half-written)."""
-    with atomic_path(npy_path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.array(results, dtype=object), allow_pickle=True)
-    with atomic_path(npy_path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(to_jsonable(results), indent=1))
-
-
-def load_results_json(json_path):
-    """A results list from the JSON a run wrote (never from the pickled .npy, which could run code):
-    lists of numbers back to arrays, and null back to NaN."""
-    def restore(value):
-        if isinstance(value, dict):
-            return {k: restore(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return np.array([np.nan if v is None else v for v in value], dtype=np.float64)
-        return np.nan if value is None else value
-    return [restore(entry) for entry in json.loads(json_path.read_text())] if json_path.is_file() else []
-
-
-def new_result_path(result_dir, stem):
-    """`result_dir/stem_N.npy` with the first N not taken: a new run never replaces an old one."""
-    result_dir = Path(result_dir)
-    result_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while any((result_dir / f"{stem}_{n}{suffix}").exists() for suffix in (".npy", ".json", ".run.json")):
-        n += 1
-    return result_dir / f"{stem}_{n}.npy"
-
-
-def format_table(title, rows, figures=TABLE_FIGURES):
-    """rows: [(label, result dict)] -> the printed table under `title`."""
-    width = max(len(label) for label, _ in rows) + 2
-    lines = [f"== {title} ==", f"{'model':<{width}}" + "".join(f"{name:>13}" for name, _, _ in figures)]
-    for label, result in rows:
-        lines.append(f"{label:<{width}}" + "".join(f"{fmt.format(result.get(key, np.nan)):>13}"
-                                                   for _, key, fmt in figures))
-    return "\n".join(lines)
-
-
-def describe(result):
-    return f"{result['role']} {result['config']}/{result['tuning']}" + (
-        f" r={result['r']}" if result["r"] else "") + (f" {result['leads']} leads" if result["leads"] != 12 else "")
-
-
-def table_rows(result, distilled):
-    """The printed rows of one dataset's result: the teacher's (when there is one), then its own."""
-    rows = [(describe(result["teacher"]), result["teacher"])] if "teacher" in result else []
-    suffix = " distilled" if distilled and result["role"] == "student" else ""
-    return rows + [(describe(result) + suffix, result)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs: a manifest per run, so --resume finds the latest unfinished one with the same settings
-# ---------------------------------------------------------------------------------------------
-def run_settings(args):
-    """Every setting that decides a run's numbers, for one seed."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_LOCATION}
-
-
-def open_run(args, prefix):
-    """(result path, resuming): the latest unfinished run of `prefix` with these settings when
-    --resume finds one, else a new numbered run whose manifest is written at once."""
-    settings = run_settings(args)
-    digest = settings_digest(settings)
-    result_dir = Path(args.result_dir)
-    if args.resume:
-        unfinished = []
-        for manifest in result_dir.glob(f"{prefix}_*.run.json"):
-            number = manifest.name[len(prefix) + 1:-len(".run.json")]
-            content = json.loads(manifest.read_text())
-            if number.isdigit() and not content["finished"]:
-                unfinished.append((int(number), content))
-        unfinished.sort(key=lambda item: item[0])
-        same = [number for number, content in unfinished if content["digest"] == digest]
-        if same:
-            path = result_dir / f"{prefix}_{same[-1]}.npy"
-            log.info("resuming %s", path.with_suffix(".run.json"))
-            return path, True
-        if unfinished:
-            number, content = unfinished[-1]
-            log.warning("--resume: %s_%d was run with other settings (%s); starting a new run", prefix, number,
-                        settings_differences(content["settings"], to_jsonable(settings)))
-        else:
-            log.info("--resume: no unfinished run %s_* in %s; starting a new run", prefix, result_dir)
-    path = new_result_path(result_dir, prefix)
-    write_manifest(path, settings, digest, finished=False)
-    return path, False
-
-
-def write_manifest(path, settings, digest, finished):
-    with atomic_path(path.with_suffix(".run.json")) as tmp:
-        tmp.write_text(json.dumps({"settings": to_jsonable(settings), "digest": digest, "finished": finished},
-                                  indent=1))
-
-
-def finish_run(path, args):
-    settings = run_settings(args)
-    write_manifest(path, settings, settings_digest(settings), finished=True)
-
-
-def run_prefix(args, *parts):
-    """The file-name stem shared by a run's files: mode, teacher config, then `parts`."""
-    return "_".join([f"{'demo_' if args.demo else ''}{args.zo_config}", args.config, *parts])
-
-
-def run_experiment(args, h5_paths, device):
-    """Teacher then student for each dataset; results appended to the run's file after each dataset."""
-    path, resuming = open_run(args, run_prefix(args, f"seed{args.seed}"))
-    teacher_cfg, student_cfg = run_configs(args, path.stem, resuming)
-    results = []
-    for dataset, h5_path in h5_paths.items():
-        data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
-        result = run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=args.distill)
-        results.append(result)
-        save_results(path, results)
-        print(format_table(dataset, table_rows(result, args.distill)), flush=True)
-    finish_run(path, args)
-    log.info("results written to %s and %s", path, path.with_suffix(".json"))
-    return results
-
-
-def run_pipeline(args, h5_paths, device):
-    """pipeline_ecg.py: one dataset, one stage (or both), results written as main.py writes them."""
-    (dataset, h5_path), = h5_paths.items()
-    path, resuming = open_run(args, run_prefix(args, f"seed{args.seed}", dataset, args.stage))
-    teacher_cfg, student_cfg = run_configs(args, path.stem, resuming)
-    data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
-    if args.stage == "both":
-        result = run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=args.distill)
-    elif args.stage == "teacher":
-        result, _ = finetune(data, dataset, teacher_cfg, device, role="teacher")
-    else:
-        teacher_result, teacher = None, None
-        if args.distill:
-            teacher_result, teacher, codes = load_merged(args.teacher, device)
-            if list(codes) != list(data.class_codes):
-                raise SystemExit(f"error: teacher {args.teacher} was trained on classes {codes}, but {dataset} has "
-                                 f"{data.class_codes}")
-        result, _ = finetune(data, dataset, student_cfg, device, teacher=teacher, role="student")
-        if teacher_result is not None:
-            result["teacher"] = teacher_result
-    save_results(path, [result])
-    print(format_table(dataset, table_rows(result, args.distill)), flush=True)
-    finish_run(path, args)
-    log.info("results written to %s and %s", path, path.with_suffix(".json"))
-    return [result]
-
-
-def search_settings_digest(args):
-    """A short hash of every setting that shapes a search point's result except the grid itself, so
-    a search resumes only into a file made with the same settings (a quick trial with fewer epochs
-    never passes for the real run), while a grown grid resumes into the same file."""
-    teacher_cfg, _ = run_configs(args, "search")
-    settings = {k: v for k, v in asdict(teacher_cfg).items() if k not in SEARCH_GRID_FIELDS + NOT_AFFECTING_RESULTS}
-    settings["finetune_label_ratio"] = args.finetune_label_ratio
-    return settings_digest(settings)
-
-
-def run_search(args, h5_paths, device):
-    """The hyper-parameter grid for the H-Tuning teacher; resumes from the JSON it appends to after
-    every point."""
-    stem = f"search_{args.config}_seed{args.seed}_{'-'.join(h5_paths)}_{search_settings_digest(args)}"
-    teacher_cfg, _ = run_configs(args, stem)
-    path = Path(args.result_dir) / f"{stem}.npy"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results = load_results_json(path.with_suffix(".json"))
-    done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}
-    if done:
-        log.info("search: resuming %s, %d points already done", path.with_suffix(".json"), len(done))
-    for dataset, h5_path in h5_paths.items():
-        data = None   # loaded on the first point not yet done
-        for eps in args.search_zo_eps:
-            for bp in args.search_bp_batch:
-                for rank in args.search_r:
-                    if (dataset, eps, bp, rank) in done:
-                        continue
-                    if data is None:
-                        data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
-                    cfg = replace(teacher_cfg, zo_eps=eps, bp_batch=bp, r=rank)
-                    result, _ = finetune(data, dataset, cfg, device)
-                    result.update(zo_eps=eps, bp_batch=bp)
-                    results.append(result)
-                    save_results(path, results)
-    for dataset in h5_paths:
-        rows = [(f"zo_eps={e['zo_eps']:g} bp_batch={e['bp_batch']} r={e['r']}", e)
-                for e in results if e["dataset"] == dataset]
-        print(format_table(dataset, rows), flush=True)
-    log.info("search results in %s", path)
-    return results
-
-
-def summarise_seeds(args, results_by_seed):
-    """Per dataset, teacher and student: mean ± sample standard deviation over the seeds of each of
-    SUMMARY_FIGURES; printed, and written as CSV and JSON beside the runs."""
-    rows = []
-    for index, dataset in enumerate(args.finetune_dataset):
-        for role in ("teacher", "student"):
-            entries = [results[index] if role == "student" else results[index].get("teacher")
-                       for results in results_by_seed.values()]
-            entries = [e for e in entries if e is not None]
-            if not entries:
-                continue
-            row = {"dataset": dataset, "model": describe(entries[0]), "seeds": len(entries)}
-            for figure in SUMMARY_FIGURES:
-                values = np.array([e[figure] for e in entries], dtype=np.float64)
-                row[f"{figure}_mean"] = float(values.mean())
-                row[f"{figure}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            rows.append(row)
-    seeds = "-".join(str(s) for s in results_by_seed)
-    path = new_result_path(args.result_dir, run_prefix(args, f"seeds{seeds}", "summary"))
-    with atomic_path(path.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"seeds": list(results_by_seed), "summary": rows}, indent=1))
-    width = max(len(row["model"]) for row in rows) + 2
-    lines = [f"== mean ± std over seeds {', '.join(str(s) for s in results_by_seed)} =="]
-    for dataset in dict.fromkeys(row["dataset"] for row in rows):
-        lines.append(f"{dataset:<{width}}" + "".join(f"{name:>20}" for name, key, _ in TABLE_FIGURES
-                                                     if key in SUMMARY_FIGURES))
-        for row in (row for row in rows if row["dataset"] == dataset):
-            lines.append(f"{row['model']:<{width}}" + "".join(
-                f"{fmt.format(row[key + '_mean']) + ' ± ' + fmt.format(row[key + '_std']):>20}"
-                for _, key, fmt in TABLE_FIGURES if key in SUMMARY_FIGURES))
-    print("\n".join(lines), flush=True)
-    log.info("seed summary written to %s and %s", path.with_suffix(".csv"), path.with_suffix(".json"))
-    return rows
-
-
 def prepare_demo(args, device):
     """Demo data (made if absent) and demo backbones (pretrained if absent), all under demo_dir."""
     from pipeline_pretrain import pretrain as pretrain_backbone
+    from synthetic_ecg import make_demo
 
     preprocessed = Path(args.demo_dir) / "Preprocessed_dataset"
-    code15_train, code15_valid = preprocessed / "CODE15_train_32.hdf5", preprocessed / "CODE15_valid_32.hdf5"
+    code15_train, code15_valid = preprocessed / CODE15_TRAIN_H5, preprocessed / CODE15_VALID_H5
     if not (code15_train.is_file() and code15_valid.is_file() and list(preprocessed.glob(f"*{DEMO_DATASET}*.hdf5"))):
         log.info("demo: making synthetic data under %s", args.demo_dir)
         made = make_demo(args.demo_dir, seed=0)
         code15_train, code15_valid = made["code15_train"], made["code15_valid"]
-    for backbone in dict.fromkeys((args.config, args.student_config)):
+    for backbone in backbones_needed(args):
         path = pretrained_path(args.checkpoint_dir, args.pretrain, backbone)
         if path.is_file():
             log.info("demo: reusing %s", path)
             continue
-        pretrain_backbone(code15_train, code15_valid, backbone, path, seed=args.seed[0], device=device,
-                          **DEMO_PRETRAIN)
+        pretrain_backbone(code15_train, code15_valid, path,
+                          pretrain_config(**{**vars(args), "config": backbone, "seed": args.seed[0]}), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs
+# ---------------------------------------------------------------------------------------------
+def run_prefix(args, *parts):
+    """The file-name stem shared by a run's files: the teacher's method and backbone, the student's
+    backbone (each where the run trains it), then `parts`."""
+    teacher = [args.zo_config, args.config] if args.stage != "student" else []
+    student = [args.student_config] if args.stage != "teacher" and args.zo_config not in RUN_MODES else []
+    return "_".join(["demo"] * args.demo + teacher + student + list(parts))
+
+
+def run_experiment(args, h5_paths, device):
+    """Teacher then student (or one stage) for each dataset; results saved after each dataset."""
+    stage_parts = [*args.finetune_dataset, args.stage] if args.stage != "both" else []
+    path, resuming = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}", *stage_parts), vars(args),
+                              args.resume)
+    teacher_cfg, student_cfg = configs_of(args, path.stem, resuming)
+    results = []
+    for dataset, h5_path in h5_paths.items():
+        data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
+        result = run_stages(args, data, dataset, teacher_cfg, student_cfg, device)
+        results.append(result)
+        save_results(path, results)
+        print(report.format_table(dataset, report.table_rows(result, args.distill)), flush=True)
+    write_manifest(path, vars(args), finished=True)
+    log.info("results written to %s and %s", path, path.with_suffix(".json"))
+    return results
+
+
+def run_stages(args, data, dataset, teacher_cfg, student_cfg, device):
+    """The stages --stage names: both (the teacher, then the student), the teacher alone, or the
+    student alone (distilled from --teacher, or from the labels)."""
+    if args.stage == "both":
+        return run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=args.distill)
+    if args.stage == "teacher":
+        return finetune(data, dataset, teacher_cfg, device, role="teacher")[0]
+    teacher_result, teacher_net = None, None
+    if args.distill:
+        teacher_result, teacher_net, model = load_merged(args.teacher, device)
+        if list(model["class_codes"]) != list(data.class_codes):
+            raise SystemExit(f"error: teacher {args.teacher} was trained on classes {model['class_codes']}, but "
+                             f"{dataset} has {data.class_codes}")
+    result, _ = finetune(data, dataset, student_cfg, device, teacher=teacher_net, role="student")
+    if teacher_result is not None:
+        result["teacher"] = teacher_result
+    return result
+
+
+SEARCH_GRID = ("search_zo_eps", "search_bp_batch", "search_r")
+
+
+def run_search(args, h5_paths, device):
+    """The hyper-parameter grid for the H-Tuning teacher. It continues the search of the same other
+    settings (a grown grid included) from the JSON it saves after every point."""
+    settings = {k: v for k, v in vars(args).items() if k not in SEARCH_GRID}
+    path, _ = open_run(args.result_dir, f"search_{args.config}_seed{args.seed}", settings, resume=True,
+                       reopen_finished=True)
+    teacher_cfg, _ = configs_of(args, path.stem, method="htuning")
+    results = load_results(path)
+    done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}
+    if done:
+        log.info("search: continuing %s, %d points already done", path.with_suffix(".json"), len(done))
+    for dataset, h5_path in h5_paths.items():
+        data = None   # loaded on the first point not yet done
+        for point in ((e, b, rank) for e in args.search_zo_eps for b in args.search_bp_batch for rank in args.search_r):
+            if (dataset, *point) in done:
+                continue
+            if data is None:
+                data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
+            eps, bp, rank = point
+            cfg = replace(teacher_cfg, step=replace(teacher_cfg.step, zo_eps=eps, bp_batch=bp), r=rank)
+            result, _ = finetune(data, dataset, cfg, device)
+            result.update(zo_eps=eps, bp_batch=bp)
+            results.append(result)
+            save_results(path, results)
+    write_manifest(path, settings, finished=True)
+    for dataset in h5_paths:
+        rows = [(f"zo_eps={e['zo_eps']:g} bp_batch={e['bp_batch']} r={e['r']}", e)
+                for e in results if e["dataset"] == dataset]
+        print(report.format_table(dataset, rows), flush=True)
+    log.info("search results in %s", path)
+    return results
 
 
 def resume_command(prog, argv):
@@ -474,34 +468,79 @@ def resume_command(prog, argv):
     return shlex.join(["python", prog, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
-def replace_seed(args, one_seed):
-    return argparse.Namespace(**{**vars(args), "seed": one_seed})
+def one_seed(args, seed_value):
+    return argparse.Namespace(**{**vars(args), "seed": seed_value})
 
 
-def main(argv=None, pipeline=False):
-    """Returns the results list of the run, or {seed: results list} for several seeds."""
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(pipeline)
-    args = settings_from(parser, argv, pipeline)
+def run_main(args, parser, argv):
+    """main.py and pipeline_ecg.py: the runs the flags ask for, seed by seed."""
     device = get_device(args.device)
-    start = time.perf_counter()
+    if args.demo:
+        prepare_demo(args, device)
+    h5_paths = locate_datasets(args)
+    check_checkpoints(args)
+    run = run_search if args.zo_config == "search" else run_experiment
     try:
-        if args.demo:
-            prepare_demo(args, device)
-        h5_paths = locate_datasets(args)
-        check_checkpoints(args)
-        run = run_pipeline if pipeline else run_search if args.zo_config == "search" else run_experiment
-        results_by_seed = {s: run(replace_seed(args, s), h5_paths, device) for s in args.seed}
+        results_by_seed = {s: run(one_seed(args, s), h5_paths, device) for s in args.seed}
     except KeyboardInterrupt:
         log.warning("interrupted: every file written so far is complete. Continue with:\n  %s",
                     resume_command(parser.prog, argv))
         raise SystemExit(130)
     if len(results_by_seed) > 1 and args.zo_config != "search":
-        summarise_seeds(args, results_by_seed)
-    log.info("done in %.1f s", time.perf_counter() - start)
+        report.summarise_seeds(args, results_by_seed, run_prefix(args, f"seeds{'-'.join(map(str, args.seed))}"))
     results = list(results_by_seed.values())
     return results[0] if len(results) == 1 else results_by_seed
+
+
+def run_pretrain(args, parser):
+    """pipeline_pretrain.py: one backbone on CODE-15."""
+    from pipeline_pretrain import pretrain_distributed
+
+    if len(args.seed) > 1:
+        parser.error("argument --seed: pretraining takes one seed")
+    train = args.code15_train or Path(args.preprocessed_dir) / CODE15_TRAIN_H5
+    valid = args.code15_valid or Path(args.preprocessed_dir) / CODE15_VALID_H5
+    cfg = pretrain_config(**{**vars(args), "seed": args.seed[0]})
+    return pretrain_distributed(train, valid, pretrained_path(args.checkpoint_dir, args.pretrain, args.config), cfg,
+                                args.device)
+
+
+def run_convert(args):
+    """datacollection.py: Challenge folders, CODE-15, or the synthetic demo data, to HDF5."""
+    import os
+
+    import datacollection
+    from synthetic_ecg import make_demo
+
+    workers = min(args.convert_workers, os.cpu_count() or 1)
+    try:
+        if args.demo:
+            return make_demo(args.demo_dir, workers=workers)
+        if args.code15_dir is not None:
+            return datacollection.convert_code15(args.code15_dir, args.preprocessed_dir, args.code15_valid_fraction,
+                                                 args.seed[0], workers)
+        return datacollection.convert_challenge_folders(Path(args.data_root), args.finetune_dataset,
+                                                        args.preprocessed_dir, workers)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+
+def main(argv=None, prog="main.py"):
+    """The command line of `prog`: main.py and pipeline_ecg.py return the results list of the run,
+    or {seed: results list} for several seeds."""
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog)
+    args = settings_from(parser, argv)
+    start = time.perf_counter()
+    if prog == "pipeline_pretrain.py":
+        outcome = run_pretrain(args, parser)
+    elif prog == "datacollection.py":
+        outcome = run_convert(args)
+    else:
+        outcome = run_main(args, parser, argv)
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return outcome
 
 
 if __name__ == "__main__":

@@ -1,130 +1,95 @@
-"""Fine-tune a teacher, distil a student: the training loop every run shares, and its script.
+"""Fine-tune a teacher, distil a student: the training loop every run shares.
 
     python pipeline_ecg.py --finetune_dataset WFDB_PTBXL                      # H-Tuning teacher, then distilled student
     python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage teacher --zo_config zo_sign
     python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage student \\
-        --teacher pretrained_checkpoint/merged_evolution_medium_seed18_0_WFDB_PTBXL_teacher.pt
+        --teacher pretrained_checkpoint/merged_htuning_medium_seed18_WFDB_PTBXL_teacher_0_WFDB_PTBXL_teacher.pt
     python pipeline_ecg.py --finetune_dataset WFDB_PTBXL --stage student --no-distill
-    python pipeline_ecg.py --demo --stage teacher --zo_config FT               # on the synthetic demo data
+    python pipeline_ecg.py --demo --stage teacher --zo_config ft               # on the synthetic demo data
     python pipeline_ecg.py ... --resume                                        # continue an interrupted run
 
 The flags, their defaults (the constants at the top of main.py) and the result files are main.py's.
 
-What varies between runs is only (a) the step, which HalfTrainer.step picks from `trainer`
-(H-Tuning, MeZO, ZO-sign, backprop), (b) which parameters train (the LoRA set, or everything for
-the fully fine-tuned teacher and the student), and (c) whether a frozen teacher supplies soft
-targets. The loop around it is shared: CutMix-ed batches, validation every `interval`, early
-stopping on 1/mAP, the best state written atomically, reload, merge, thresholds on validation,
-test metrics.
-
-Every file a run writes is named by its run name, dataset and role ("teacher" or "student"):
-- `best_*.pt` in checkpoint_dir: the best state so far (LoRA: adapters, biases, norm layers, heads);
-- `resume_*.pt` in checkpoint_dir: everything needed to continue exactly, rewritten at every
-  validation (weights, optimizer, scheduler, counters, every random generator, the history);
-- `merged_*.pt` in checkpoint_dir: the finished stage, the merged model and its test result; a
-  resumed run reloads it instead of training again, and `--teacher` distils from it;
-- `*_history.csv` in result_dir: one row per validation.
+What varies between runs is only (a) the step, which HalfTrainer.step picks by the method
+(H-Tuning, MeZO, ZO-sign, backprop, a linear probe), (b) which parameters train (the LoRA set,
+everything, or the heads), and (c) whether a frozen teacher supplies soft targets. The loop around
+it is shared: CutMix-ed batches, validation every `interval`, early stopping on 1/mAP, the best
+state kept, reload, merge, thresholds on validation, test metrics. runs.py names its files and
+holds what a resume restores.
 """
-import csv
-import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import evaluation
-from Half_Trainer import HalfTrainer, mixing_coefficient
-from helper_code import (REPO_ROOT, PeakMemory, atomic_path, seed_everything, settings_differences, state_digest,
-                         to_jsonable)
-from model_src_ecg import (adapter_state_dict, build_model, cutmix, load_adapter_state, load_pretrained,
-                           mark_only_lora_as_trainable, mask_leads)
+from Half_Trainer import METHODS, HalfTrainer, StepConfig
+from helper_code import NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything
+from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, load_adapter_state,
+                           load_pretrained, mark_trainable, mask_leads)
+from runs import Progress, Stage, random_states, restore_random_states
 
 log = logging.getLogger("adagrad_fusion.pipeline_ecg")
 
-CHECKPOINT_DIR = REPO_ROOT / "pretrained_checkpoint"
-RESULT_DIR = REPO_ROOT / "result"
-PRETRAIN = "CODE_test"                 # checkpoint prefix: {PRETRAIN}{config}bias_full_checkpoint.pkl
-# tuning name -> HalfTrainer's `trainer`; "FT" trains every parameter with plain backprop
-TUNINGS = {"H-Tuning": "ho", "zo": "zo_opt", "zo_sign": "zo_sign_opt", "bp": "bp", "FT": "bp"}
-LONG_DATASETS = ("WFDB_Ga", "WFDB_ChapmanShaoxing")   # their iteration budget is doubled
-WARMUP_FRACTION = 0.01
-WEIGHT_DECAY = 0.01
-LR_FULL = 0.001                        # FT teacher and student (the published code prints 0.002, uses 0.001)
-ALL_LEADS = 12
-PUBLISHED_CHECKPOINTS = "the CODE-15 backbone of that name published with the H-Tuning paper's code (ICML 2025)"
-# RunConfig fields that say where a run's files go or how fast it runs, never what it computes
-NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "workers", "resume")
-HISTORY_COLUMNS = ("iteration", "train_loss", "valid_map", "lr", "coef", "seconds")
 
-
-def lora_lr(batch_size):
-    """The LoRA teacher's learning rate depends on the batch size."""
-    return 0.0025 if batch_size > 64 else 0.001
-
-
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything one fine-tuning run reads; HalfTrainer reads its step fields from it too."""
-    config: str = "medium"
-    tuning: str = "H-Tuning"
-    r: int = 16
-    batch_size: int = 128
-    lr: float | None = None                   # None: LR_FULL for FT, lora_lr(batch_size) otherwise
-    finetune_epoch: int = 200
-    interval: int = 50
-    patience: int = 10
-    seed: int = 18
-    zo_eps: float = 1e-3
-    q: int = 1
-    bp_batch: int = 8
-    aux_weight: float = 1.0
-    gradient_sparsity: float | None = None
-    perturbation_mode: str = "gaussian"
-    coef: float | None = None                 # None: c = 0.99 for the first 20% of iterations, then 0.9
-    leads: int = ALL_LEADS
-    pretrain: str = PRETRAIN
-    pretrained: bool = True
-    checkpoint_dir: Path = CHECKPOINT_DIR
-    result_dir: Path = RESULT_DIR
-    run_name: str = "run"
-    workers: int = 0
-    resume: bool = False                      # continue from this run name's files instead of starting over
+    """Everything one fine-tuning stage reads. main.run_config() builds it from main.py's constants."""
+    config: str                       # backbone
+    step: StepConfig                  # the method and its step's knobs
+    r: int                            # LoRA rank (methods that train the LoRA set)
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float            # of the iterations, linear warm-up; then linear decay to 0
+    finetune_epoch: int
+    doubled_datasets: tuple           # datasets whose iteration budget is doubled
+    interval: int                     # iterations between validations
+    patience: int                     # validations without a gain before stopping
+    seed: int
+    leads: int                        # 12, or a reduced-lead student's 3 or 1
+    pretrain: str                     # backbone file prefix
+    pretrained: bool
+    checkpoint_dir: Path
+    result_dir: Path
+    run_name: str
+    workers: int
+    resume: bool                      # continue this run name's files instead of starting over
 
     @property
-    def trainer(self):
-        return TUNINGS[self.tuning]
+    def method(self):
+        return self.step.method
 
     @property
-    def full_finetune(self):
-        return self.tuning == "FT"
+    def trains(self):
+        """Which parameters train: "lora", "all" or "heads"."""
+        return METHODS[self.method]
 
     @property
-    def learning_rate(self):
-        if self.lr is not None:
-            return self.lr
-        return LR_FULL if self.full_finetune else lora_lr(self.batch_size)
+    def rank(self):
+        """LoRA rank of the built model: r for the LoRA methods, else 0 (plain layers)."""
+        return self.r if self.trains == "lora" else 0
 
 
 def pretrained_path(checkpoint_dir, pretrain, config):
-    return Path(checkpoint_dir) / f"{pretrain}{config}bias_full_checkpoint.pkl"
+    return Path(checkpoint_dir) / backbone_name(pretrain, config)
 
 
 def check_pretrained(path, config):
     """Clear error for a missing backbone: which file, where published ones come from, the way out."""
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"pretrained checkpoint not found: {path}. Put there {PUBLISHED_CHECKPOINTS}, or pretrain "
+            f"pretrained checkpoint not found: {path}. Put there {PUBLISHED_BACKBONES}, or pretrain "
             f"one on CODE-15 with `python pipeline_pretrain.py --config {config}`, or start from "
             f"random weights with --no-pretrained")
 
 
-def warmup_linear_decay(optimizer, total, warmup_fraction=WARMUP_FRACTION):
+def warmup_linear_decay(optimizer, total, warmup_fraction):
     """Linear warm-up over the first `warmup_fraction` of `total` steps, then linear decay to 0."""
     warmup = max(1, int(warmup_fraction * total))
 
@@ -136,7 +101,7 @@ def warmup_linear_decay(optimizer, total, warmup_fraction=WARMUP_FRACTION):
 
 
 @torch.no_grad()
-def predict(net, loader, device, leads=ALL_LEADS):
+def predict(net, loader, device, leads=NUM_LEADS):
     """(labels as float64, sigmoid scores of the main head as float32: the width the net computes
     them in, which the metrics sort fastest) over a loader, as numpy arrays."""
     was_training = net.training
@@ -144,7 +109,7 @@ def predict(net, loader, device, leads=ALL_LEADS):
     labels, scores = [], []
     for x, y in loader:
         x = x.to(device)
-        if leads != ALL_LEADS:
+        if leads != NUM_LEADS:
             x = mask_leads(x, leads)
         scores.append(torch.sigmoid(net(x)[1]).float().cpu())
         labels.append(y)
@@ -162,160 +127,130 @@ def mean_average_precision(labels, scores):
 
 
 def build_net(cfg, num_class, positive_probably):
-    """The run's backbone, loaded from its CODE-15 checkpoint, with requires_grad set for the run."""
-    r = 0 if cfg.full_finetune else cfg.r
-    net = build_model(cfg.config, num_class, r=r, positive_probably=positive_probably)
+    """The run's backbone, loaded from its CODE-15 checkpoint, with requires_grad set for the method."""
+    net = build_model(cfg.config, num_class, r=cfg.rank, positive_probably=positive_probably)
     if cfg.pretrained:
         path = pretrained_path(cfg.checkpoint_dir, cfg.pretrain, cfg.config)
         check_pretrained(path, cfg.config)
         load_pretrained(net, path)
-    if cfg.full_finetune:
-        net.requires_grad_(True)
-    else:
-        mark_only_lora_as_trainable(net)
+    mark_trainable(net, cfg.trains)
     return net
 
 
-def eval_loader(split, cfg):
-    return torch.utils.data.DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.workers)
+def trained_state(net, trains):
+    """A snapshot of what the method changes: every tensor, the adapter state, or the heads."""
+    if trains == "lora":
+        return adapter_state_dict(net)
+    return {k: v for k, v in net.state_dict().items() if trains == "all" or belongs_to_heads(k)}
 
 
-def epoch_loader(train, cfg, order_generator, skip_batches):
-    """One epoch in the order of a fresh permutation from `order_generator`, less its first batches:
-    a resumed run rewinds the generator to the epoch's start and skips what it had already done."""
-    order = torch.randperm(len(train), generator=order_generator)[skip_batches * cfg.batch_size:]
-    return torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=order.tolist(),
-                                       num_workers=cfg.workers)
+def load_trained_state(net, trains, state):
+    if trains == "lora":
+        load_adapter_state(net, state)
+    else:
+        net.load_state_dict(state, strict=trains == "all")
 
 
-# ---------------------------------------------------------------------------------------------
-# A stage's files: settings that must match to reuse them, the finished stage, the resumable state
-# ---------------------------------------------------------------------------------------------
-class StagePaths(NamedTuple):
-    best: Path
-    resume: Path
-    merged: Path
-    history: Path
-
-
-def stage_paths(cfg, dataset, role):
-    key = f"{cfg.run_name}_{dataset}_{role}"
-    checkpoints = Path(cfg.checkpoint_dir)
-    return StagePaths(checkpoints / f"best_{key}.pt", checkpoints / f"resume_{key}.pt",
-                      checkpoints / f"merged_{key}.pt", Path(cfg.result_dir) / f"{key}_history.csv")
-
-
-def stage_settings(cfg, data, dataset, role, teacher):
-    """Everything that decides a stage's numbers: the run's settings, the split, and the teacher."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_AFFECTING_RESULTS}
-    split = np.concatenate([data.train.indices, [-1], data.valid.indices, [-1], data.test.indices])
-    split_digest = hashlib.sha256(split.astype(np.int64).tobytes()).hexdigest()[:16]
-    settings.update(dataset=dataset, role=role, split=split_digest,
-                    teacher=None if teacher is None else state_digest(merged_state(teacher)))
-    return to_jsonable(settings)
-
-
-def _usable(path, settings, what):
-    """The saved dict at `path` if it exists and was written under `settings`, else None (saying
-    why when the file exists but was written under other settings)."""
-    if not path.is_file():
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["settings"] != settings:
-        log.warning("not using %s %s: written under other settings (%s)", what, path,
-                    settings_differences(saved["settings"], settings))
-        return None
-    return saved
-
-
-def _result_to_tensors(result):
-    return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in result.items()}
-
-
-def _result_from_tensors(result):
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
-
-
-def merged_state(net):
-    """A merged net's weights without its adapters (folded in, B zeroed): an r=0 model's state dict."""
-    return {k: v.detach().cpu() for k, v in net.state_dict().items() if "lora_" not in k}
-
-
-def save_merged(path, settings, net, config, class_codes, result):
-    """The finished stage: the merged model and its test result. The file a later run reloads, and
-    that `--teacher` distils from."""
-    with atomic_path(path) as tmp:
-        torch.save({"settings": settings, "result": _result_to_tensors(result),
-                    "model": {"config": config, "num_class": int(net.classifier[1].out_features),
-                              "positive_probably": float(net.positive_probably),
-                              "class_codes": list(class_codes), "state_dict": merged_state(net)}}, tmp)
-
-
-def load_merged(path, device):
-    """(result, merged net in eval mode, class codes) from a `merged_*.pt` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
-                                f"checkpoint_dir)")
-    return _from_merged(torch.load(path, map_location="cpu", weights_only=True), device)
-
-
-def _from_merged(saved, device):
-    """(result, merged net in eval mode, class codes) from the dict save_merged wrote."""
-    model = saved["model"]
-    net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
-    net.load_state_dict(model["state_dict"])
-    net.requires_grad_(False)
-    return _result_from_tensors(saved["result"]), net.to(device).eval(), model["class_codes"]
-
-
-def challenge_score(labels, predictions, class_codes):
-    """The Challenge 2021 score of thresholded predictions, or NaN (with the reason logged) where the
-    classes are not SNOMED codes of the Challenge table, as in a file converted without them."""
-    try:
-        return evaluation.challenge_score(labels > 0.5, predictions, class_codes)
-    except ValueError as error:
-        log.warning("no Challenge 2021 score: %s", error)
-        return float("nan")
-
-
-def write_history(path, rows):
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def iterations(cfg, dataset, train_records):
+    """The stage's budget: finetune_epoch epochs of the training split, doubled for some datasets."""
+    doubled = 2 if dataset in cfg.doubled_datasets else 1
+    return math.ceil(train_records / cfg.batch_size) * cfg.finetune_epoch * doubled
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop
+# The training loop, and what it is made of
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Progress:
-    """The loop's counters; saved with every resumable state."""
-    current: int = 0
-    best_map: float = -np.inf
-    checks_without_gain: int = 0
-    step_seconds: float = 0.0           # inside the step only: the reported s/iteration
-    elapsed: float = 0.0                # wall seconds of the stage, across resumes
-    batch_in_epoch: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
+class Training:
+    """What a stage trains and everything a resume restores besides the weights."""
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainer: HalfTrainer
+    cutmix_rng: np.random.Generator
+    order: torch.Generator                       # the data order
+    progress: Progress = field(default_factory=Progress)
+    history: list = field(default_factory=list)
+    order_epoch_start: torch.Tensor = None       # `order`'s state at the current epoch's start
 
 
-def _random_states(rng, order_epoch_start, trainer):
-    numpy_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cutmix": rng.bit_generator.state, "order": order_epoch_start,
-            "trainer": trainer.rng_state(),
-            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+def start_training(cfg, data, device, total):
+    seed_everything(cfg.seed)
+    net = build_net(cfg, data.train.num_classes, data.positive_probably).to(device)
+    parameters = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_linear_decay(optimizer, total, cfg.warmup_fraction)
+    return Training(net, optimizer, scheduler, HalfTrainer(net, optimizer, scheduler, cfg.step, cfg.seed),
+                    np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed))
 
 
-def _restore_random_states(states, rng, order_generator, trainer):
-    torch.set_rng_state(states["torch"])
-    rng.bit_generator.state = states["cutmix"]
-    order_generator.set_state(states["order"])
-    trainer.set_rng_state(states["trainer"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+def resumable_state(training, trains):
+    return {"model": trained_state(training.net, trains), "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(), "progress": vars(training.progress),
+            "history": training.history,
+            "random": random_states(training.cutmix_rng, training.order_epoch_start, training.trainer)}
+
+
+def resume_training(training, saved, trains, device):
+    load_trained_state(training.net, trains, {k: v.to(device) for k, v in saved["model"].items()})
+    training.optimizer.load_state_dict(saved["optimizer"])
+    training.scheduler.load_state_dict(saved["scheduler"])
+    training.progress, training.history = Progress(**saved["progress"]), saved["history"]
+    restore_random_states(saved["random"], training.cutmix_rng, training.order, training.trainer)
+
+
+def stopped(progress, cfg, total):
+    return progress.current >= total or progress.checks_without_gain >= cfg.patience
+
+
+def batches(train, cfg, training, total):
+    """Training batches, epoch after epoch, each epoch in the order of a fresh permutation. A resumed
+    run has `order` rewound to its epoch's start and skips the batches it had done. Ends when the
+    budget is spent or patience runs out."""
+    progress = training.progress
+    while not stopped(progress, cfg, total):
+        if progress.batch_in_epoch == 0:
+            training.order_epoch_start = training.order.get_state()
+        order = torch.randperm(len(train), generator=training.order)[progress.batch_in_epoch * cfg.batch_size:]
+        for batch in torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=order.tolist(),
+                                                 num_workers=cfg.workers):
+            yield batch
+            if stopped(progress, cfg, total):
+                return
+        progress.batch_in_epoch = 0
+
+
+def train_step(training, x, y, teacher, cfg, total, device):
+    """CutMix, the teacher's soft targets, lead masking, then the method's step; returns the loss."""
+    x, y = cutmix(x.to(device), y.to(device), training.cutmix_rng)
+    soft_targets = None
+    if teacher is not None:
+        with torch.no_grad():
+            soft_targets = torch.sigmoid(teacher(x)[1])
+    if cfg.leads != NUM_LEADS:
+        x = mask_leads(x, cfg.leads)
+    loss = training.trainer.step(x, y, training.progress.current, total, soft_targets=soft_targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss
+
+
+def validate(training, valid_loader, stage, cfg, device):
+    """Validation mAP; a strict gain keeps the state as the best (early stopping on 1/mAP), no gain
+    counts towards patience. Appends the history row."""
+    progress = training.progress
+    valid_map = mean_average_precision(*predict(training.net, valid_loader, device, cfg.leads))
+    if valid_map > progress.best_map:
+        progress.best_map, progress.checks_without_gain = valid_map, 0
+        stage.save_best(trained_state(training.net, cfg.trains))
+    else:
+        progress.checks_without_gain += 1
+    coef = training.trainer.last_coef
+    training.history.append({"iteration": progress.current, "train_loss": progress.loss_sum / progress.loss_count,
+                             "valid_map": valid_map, "lr": training.scheduler.get_last_lr()[0],
+                             "coef": "" if coef is None else coef, "seconds": progress.elapsed})
+    progress.loss_sum, progress.loss_count = 0.0, 0
+    return valid_map
 
 
 def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
@@ -328,123 +263,69 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     Returns (result dict: the test metrics of evaluation.evaluate + challenge_score, trainable_num,
     memory (MiB), time (s/iteration), iterations, best_valid_map; the merged net in eval mode).
     """
-    paths = stage_paths(cfg, dataset, role)
-    settings = stage_settings(cfg, data, dataset, role, teacher)
-    if cfg.resume:
-        finished = _usable(paths.merged, settings, "finished stage")
-        if finished is not None:
-            log.info("%s %s: finished earlier, reloading %s", dataset, role, paths.merged)
-            result, net, _ = _from_merged(finished, device)
-            return result, net
-        resumed = _usable(paths.resume, settings, "resumable state")
-    else:
-        resumed = None
-        for stale in (paths.resume, paths.merged):
-            stale.unlink(missing_ok=True)
-
-    seed_everything(cfg.seed)
-    net = build_net(cfg, data.train.num_classes, data.positive_probably).to(device)
-    parameters = [p for p in net.parameters() if p.requires_grad]
-    trainable_num = sum(p.numel() for p in parameters)
-    total = math.ceil(len(data.train) / cfg.batch_size) * cfg.finetune_epoch * (2 if dataset in LONG_DATASETS else 1)
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=WEIGHT_DECAY)
-    scheduler = warmup_linear_decay(optimizer, total)
-    trainer = HalfTrainer(net, optimizer, scheduler, cfg)
-    snapshot = (lambda: net.state_dict()) if cfg.full_finetune else (lambda: adapter_state_dict(net))
-    restore = net.load_state_dict if cfg.full_finetune else (lambda state: load_adapter_state(net, state))
-    rng = np.random.default_rng(cfg.seed)                       # CutMix
-    order_generator = torch.Generator().manual_seed(cfg.seed)   # data order
-    progress, history = Progress(), []
-    if resumed is not None:
-        restore({k: v.to(device) for k, v in resumed["model"].items()})
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        progress, history = Progress(**resumed["progress"]), resumed["history"]
-        _restore_random_states(resumed["random"], rng, order_generator, trainer)
-        log.info("%s %s: resuming %s at iteration %d of %d", dataset, role, paths.resume, progress.current, total)
+    stage = Stage(cfg, (data.train.indices, data.valid.indices, data.test.indices), dataset, role,
+                  None if teacher is None else merged_state(teacher))
+    finished = stage.finished() if cfg.resume else None
+    if finished is not None:
+        log.info("%s %s: finished earlier, reloading %s", dataset, role, stage.merged)
+        result, net, _ = model_from_file(finished, device)
+        return result, net
+    saved = stage.resumable() if cfg.resume else stage.start_over()
+    total = iterations(cfg, dataset, len(data.train))
+    training = start_training(cfg, data, device, total)
+    if saved is not None:
+        resume_training(training, saved, cfg.trains, device)
+        log.info("%s %s: resuming %s at iteration %d of %d", dataset, role, stage.resume, training.progress.current,
+                 total)
+    net, progress = training.net, training.progress
+    trainable_num = sum(p.numel() for p in net.parameters() if p.requires_grad)
     log.info("%s %s: %s/%s, %d trainable parameters, %d iterations at lr %g%s", dataset, role, cfg.config,
-             cfg.tuning, trainable_num, total, cfg.learning_rate, ", distilled" if teacher is not None else "")
+             cfg.method, trainable_num, total, cfg.lr, ", distilled" if teacher is not None else "")
 
-    valid_loader, test_loader = eval_loader(data.valid, cfg), eval_loader(data.test, cfg)
-    order_epoch_start = order_generator.get_state()
+    valid_loader, test_loader = (torch.utils.data.DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                 for split in (data.valid, data.test))
     started = time.perf_counter() - progress.elapsed
-    bar = tqdm(total=total, initial=progress.current, desc=f"{dataset} {role} {cfg.config}/{cfg.tuning}",
-               mininterval=1)
-    net.train()
-    try:
-        with PeakMemory(device) as peak:
-            while progress.current < total and progress.checks_without_gain < cfg.patience:
-                if progress.batch_in_epoch == 0:
-                    order_epoch_start = order_generator.get_state()
-                for x, y in epoch_loader(data.train, cfg, order_generator, progress.batch_in_epoch):
-                    start = time.perf_counter()
-                    x, y = cutmix(x.to(device), y.to(device), rng)
-                    soft_targets = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            soft_targets = torch.sigmoid(teacher(x)[1])
-                    if cfg.leads != ALL_LEADS:
-                        x = mask_leads(x, cfg.leads)
-                    loss = trainer.step(x, y, progress.current, total, soft_targets=soft_targets)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    progress.step_seconds += time.perf_counter() - start
-                    progress.current += 1
-                    progress.batch_in_epoch += 1
-                    progress.loss_sum += loss
-                    progress.loss_count += 1
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                    if progress.current % cfg.interval == 0 or progress.current == total:
-                        valid_map = mean_average_precision(*predict(net, valid_loader, device, cfg.leads))
-                        bar.set_postfix(loss=f"{loss:.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
-                        # early stopping on 1/mAP: a lower 1/mAP is a higher mAP
-                        if valid_map > progress.best_map:
-                            progress.best_map, progress.checks_without_gain = valid_map, 0
-                            with atomic_path(paths.best) as tmp:
-                                torch.save(snapshot(), tmp)
-                        else:
-                            progress.checks_without_gain += 1
-                        progress.elapsed = time.perf_counter() - started
-                        history.append({
-                            "iteration": progress.current, "train_loss": progress.loss_sum / progress.loss_count,
-                            "valid_map": valid_map, "lr": scheduler.get_last_lr()[0],
-                            "coef": (mixing_coefficient(progress.current - 1, total) if cfg.coef is None else cfg.coef)
-                            if cfg.trainer == "ho" else "",
-                            "seconds": progress.elapsed})
-                        progress.loss_sum, progress.loss_count = 0.0, 0
-                        write_history(paths.history, history)
-                        with atomic_path(paths.resume) as tmp:
-                            torch.save({"settings": settings, "model": snapshot(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "progress": asdict(progress),
-                                        "history": history,
-                                        "random": _random_states(rng, order_epoch_start, trainer)}, tmp)
-                    if progress.current >= total or progress.checks_without_gain >= cfg.patience:
-                        break
-                else:
-                    progress.batch_in_epoch = 0
-    finally:
-        bar.close()
+    bar = tqdm(total=total, initial=progress.current, desc=f"{dataset} {role} {cfg.config}/{cfg.method}", mininterval=1)
+    with bar, PeakMemory(device) as peak:
+        for x, y in batches(data.train, cfg, training, total):
+            step_start = time.perf_counter()
+            loss = train_step(training, x, y, teacher, cfg, total, device)
+            progress.record(loss, time.perf_counter() - step_start)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if progress.current % cfg.interval == 0 or progress.current == total:
+                progress.elapsed = time.perf_counter() - started
+                valid_map = validate(training, valid_loader, stage, cfg, device)
+                bar.set_postfix(loss=f"{loss:.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
+                stage.write_history(training.history)
+                stage.save_resumable(**resumable_state(training, cfg.trains))
     if progress.current < total:
         log.info("%s %s: early stop at iteration %d (no validation gain in %d checks)", dataset, role,
                  progress.current, cfg.patience)
 
-    restore(torch.load(paths.best, map_location=device, weights_only=True))
-    net.merge_net()
-    net.eval()
-    thresholds = evaluation.find_thresholds(*predict(net, valid_loader, device, cfg.leads))
-    labels, scores = predict(net, test_loader, device, cfg.leads)
-    result = evaluation.evaluate(labels, scores, thresholds=thresholds)
-    result["challenge_score"] = challenge_score(labels, scores >= thresholds, data.class_codes)
+    load_trained_state(net, cfg.trains, stage.load_best(device))
+    result, thresholds = score(net, valid_loader, test_loader, data.class_codes, cfg.leads, device)
     result.update(trainable_num=trainable_num, memory=peak.peak_mb,
                   time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
-                  best_valid_map=progress.best_map, role=role, config=cfg.config, tuning=cfg.tuning,
-                  r=0 if cfg.full_finetune else cfg.r, leads=cfg.leads, dataset=dataset, checkpoint=str(paths.merged))
-    save_merged(paths.merged, settings, net, cfg.config, data.class_codes, result)
-    paths.resume.unlink(missing_ok=True)
+                  best_valid_map=progress.best_map, role=role, config=cfg.config, method=cfg.method,
+                  r=cfg.rank, leads=cfg.leads, dataset=dataset, checkpoint=str(stage.merged))
+    stage.save_merged(result=_result_to_tensors(result),
+                      model=model_description(net, cfg, data, thresholds))
     log.info("%s %s: test macro AUROC %.4f, F-beta %.4f, mAP %.2f", dataset, role, result["auc_roc_macro"],
              result["F1score_b"], result["Map_value"])
     return result, net
+
+
+def score(net, valid_loader, test_loader, class_codes, leads, device):
+    """Merge the best state, pick per-class thresholds on validation, score the test split with them.
+    Returns (every metric of evaluation.evaluate and the Challenge score, the thresholds)."""
+    net.merge_net()
+    net.eval()
+    thresholds = evaluation.find_thresholds(*predict(net, valid_loader, device, leads))
+    labels, scores = predict(net, test_loader, device, leads)
+    result = evaluation.evaluate(labels, scores, thresholds=thresholds)
+    result["challenge_score"] = challenge_score(labels, scores >= thresholds, class_codes)
+    return result, thresholds
 
 
 def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, distill=True):
@@ -458,6 +339,59 @@ def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, dis
     return student_result
 
 
+# ---------------------------------------------------------------------------------------------
+# The merged model file: self-describing, what --teacher distils from and predict.py applies
+# ---------------------------------------------------------------------------------------------
+def merged_state(net):
+    """A merged net's weights without its adapters (folded in, B zeroed): an r=0 model's state dict."""
+    return {k: v.detach().cpu() for k, v in net.state_dict().items() if "lora_" not in k}
+
+
+def model_description(net, cfg, data, thresholds):
+    """Everything needed to apply the merged model to new records, beside its weights."""
+    return {"config": cfg.config, "num_class": int(net.classifier[1].out_features),
+            "positive_probably": float(net.positive_probably), "class_codes": list(data.class_codes),
+            "class_names": list(data.class_names), "thresholds": torch.from_numpy(np.asarray(thresholds, np.float64)),
+            "leads": list(KEPT_LEADS[cfg.leads]), "preprocessing": data.preprocessing,
+            "state_dict": merged_state(net)}
+
+
+def _result_to_tensors(result):
+    return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in result.items()}
+
+
+def _result_from_tensors(result):
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+def load_merged(path, device):
+    """(result, merged net in eval mode, model description) from a `merged_*.pt` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
+                                f"checkpoint_dir)")
+    return model_from_file(torch.load(path, map_location="cpu", weights_only=True), device)
+
+
+def model_from_file(saved, device):
+    """(result, merged net in eval mode, model description) from the dict a finished stage wrote."""
+    model = saved["model"]
+    net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
+    net.load_state_dict(model["state_dict"])
+    net.requires_grad_(False)
+    return _result_from_tensors(saved["result"]), net.to(device).eval(), model
+
+
+def challenge_score(labels, predictions, class_codes):
+    """The Challenge 2021 score of thresholded predictions, or NaN (with the reason logged) where the
+    classes are not SNOMED codes of the Challenge table, as in a file converted without them."""
+    try:
+        return evaluation.challenge_score(labels > 0.5, predictions, class_codes)
+    except ValueError as error:
+        log.warning("no Challenge 2021 score: %s", error)
+        return float("nan")
+
+
 if __name__ == "__main__":
-    import main
-    main.main(pipeline=True)
+    import main  # the flags and their defaults live there
+    main.main(prog="pipeline_ecg.py")

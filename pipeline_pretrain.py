@@ -9,10 +9,9 @@ others) and writes `{pretrain}{config}bias_full_checkpoint.pkl`: a plain state_d
 auxiliary head (task-specific) and without adapters (r=0), the layout the published backbones
 have, which pipeline_ecg loads through model_src_ecg.load_pretrained.
 """
-import argparse
 import logging
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -21,26 +20,28 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ecg_dataset import ECGH5Dataset
 from Half_Trainer import compute_loss
-from helper_code import (REPO_ROOT, FlagParser, atomic_path, float_in, get_device, int_at_least, seed_everything,
-                         setup_logging, state_digest)
-from datacollection import ECGH5Dataset
-from model_src_ecg import MODEL_CONFIGS, build_model
-from pipeline_ecg import CHECKPOINT_DIR, PRETRAIN, WEIGHT_DECAY, mean_average_precision, predict, pretrained_path, \
-    warmup_linear_decay
+from helper_code import CODE15_DATA_URL, atomic_path, get_device, seed_everything, state_digest
+from model_src_ecg import build_model
+from pipeline_ecg import mean_average_precision, predict, warmup_linear_decay
 
 log = logging.getLogger("adagrad_fusion.pipeline_pretrain")
 
-CONFIG = "medium"
-PREPROCESSED_DIR = REPO_ROOT / "Preprocessed_dataset"
-TRAIN_H5 = "CODE15_train_32.hdf5"
-VALID_H5 = "CODE15_valid_32.hdf5"
-EPOCHS = 30
-BATCH_SIZE = 64                       # per process
-LR = 0.001
-PATIENCE = 5                          # epochs without a validation mAP gain
-SEED = 18
-AUX_WEIGHT = 1.0
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What pretraining reads. main.pretrain_config() builds it from main.py's constants."""
+    config: str
+    epochs: int
+    batch_size: int                   # per process
+    lr: float
+    patience: int                     # epochs without a validation mAP gain
+    seed: int
+    weight_decay: float
+    warmup_fraction: float
+    aux_weight: float
+    workers: int
 
 
 def backbone_state(net):
@@ -54,24 +55,23 @@ def positive_rate(h5_path):
         return float(np.mean(f["label_set"][:]))
 
 
-def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
-             patience=PATIENCE, seed=SEED, device=None, workers=0):
-    """Train `config` from scratch on CODE-15; returns {best_valid_map, epochs, path}.
+def pretrain(train_h5, valid_h5, out_path, cfg, device):
+    """Train `cfg.config` from scratch on CODE-15 and write its backbone file to `out_path`;
+    returns {best_valid_map, epochs, path}.
 
     Runs distributed when torch.distributed is initialised (one shard per process), else alone.
     """
-    device = device or get_device()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    out_path = Path(out_path or pretrained_path(CHECKPOINT_DIR, PRETRAIN, config))
+    out_path = Path(out_path)
     for path in (train_h5, valid_h5):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"CODE-15 HDF5 not found: {path}. Convert CODE-15 "
-                                    f"(https://zenodo.org/records/4916206) with `python datacollection.py "
-                                    f"--code15 DIR`, or make demo data with `python main.py --demo`")
-    seed_everything(seed)
+            raise FileNotFoundError(f"CODE-15 HDF5 not found: {path}. Convert CODE-15 ({CODE15_DATA_URL}) with "
+                                    f"`python datacollection.py --code15_dir DIR`, or make demo data with "
+                                    f"`python main.py --demo`")
+    seed_everything(cfg.seed)
     train_set, valid_set = ECGH5Dataset(train_h5), ECGH5Dataset(valid_h5)
-    net = build_model(config, train_set.num_classes, r=0, positive_probably=positive_rate(train_h5)).to(device)
+    net = build_model(cfg.config, train_set.num_classes, r=0, positive_probably=positive_rate(train_h5)).to(device)
     model = net
     sampler = None
     if distributed:
@@ -80,27 +80,27 @@ def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, ba
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                                  shuffle=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None,
-                                               sampler=sampler, num_workers=workers, generator=generator)
-    valid_loader = torch.utils.data.DataLoader(valid_set, batch_size=batch_size, num_workers=workers)
-    total = epochs * len(train_loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    scheduler = warmup_linear_decay(optimizer, total)
+                                                                  shuffle=True, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                                               sampler=sampler, num_workers=cfg.workers, generator=generator)
+    valid_loader = torch.utils.data.DataLoader(valid_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    total = cfg.epochs * len(train_loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_linear_decay(optimizer, total, cfg.warmup_fraction)
     log.info("rank %d/%d: pretraining %s on %d records (%d per process per epoch), %d epochs, device %s",
-             rank, world, config, len(train_set), len(train_loader.sampler), epochs, device)
+             rank, world, cfg.config, len(train_set), len(train_loader.sampler), cfg.epochs, device)
 
     best_map, epochs_without_gain, epoch = -np.inf, 0, 0
-    bar = tqdm(total=total, desc=f"pretrain {config}", disable=rank != 0, mininterval=1)
-    for epoch in range(1, epochs + 1):
+    bar = tqdm(total=total, desc=f"pretrain {cfg.config}", disable=rank != 0, mininterval=1)
+    for epoch in range(1, cfg.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
             aux, main = model(x)
-            loss = compute_loss(aux, main, y, AUX_WEIGHT)
+            loss = compute_loss(aux, main, y, cfg.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -118,7 +118,7 @@ def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, ba
                 log.info("rank %d: epoch %d, validation mAP %.2f, wrote %s", rank, epoch, valid_map, out_path)
             else:
                 epochs_without_gain += 1
-            stop[0] = float(epochs_without_gain >= patience)
+            stop[0] = float(epochs_without_gain >= cfg.patience)
         if distributed:
             dist.broadcast(stop, src=0)
         if stop.item():
@@ -133,46 +133,24 @@ def pretrain(train_h5, valid_h5, config=CONFIG, out_path=None, epochs=EPOCHS, ba
     return {"best_valid_map": best_map, "epochs": epoch, "path": out_path}
 
 
-def build_parser():
-    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=CONFIG, choices=list(MODEL_CONFIGS), help="backbone to pretrain")
-    parser.add_argument("--train", type=Path, default=PREPROCESSED_DIR / TRAIN_H5, help="CODE-15 training HDF5")
-    parser.add_argument("--valid", type=Path, default=PREPROCESSED_DIR / VALID_H5, help="CODE-15 validation HDF5")
-    parser.add_argument("--pretrain", default=PRETRAIN, help="checkpoint name prefix")
-    parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINT_DIR, help="where the checkpoint goes")
-    parser.add_argument("--epochs", type=int_at_least(1), default=EPOCHS)
-    parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH_SIZE, help="per process")
-    parser.add_argument("--lr", type=float_in(0), default=LR)
-    parser.add_argument("--patience", type=int_at_least(1), default=PATIENCE)
-    parser.add_argument("--seed", type=int_at_least(0), default=SEED)
-    parser.add_argument("--workers", type=int_at_least(0), default=0, help="DataLoader worker processes")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
-    return parser
-
-
-def main(argv=None):
-    setup_logging()
-    args = build_parser().parse_args(argv)
+def pretrain_distributed(train_h5, valid_h5, out_path, cfg, device_name=None):
+    """pipeline_pretrain.py's run: alone, or one process of several under torchrun."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = get_device(args.device)
+    device = get_device(device_name)
     if distributed:
-        local_rank = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    start = time.perf_counter()
     try:
-        out = pretrained_path(args.checkpoint_dir, args.pretrain, args.config)
-        pretrain(args.train, args.valid, args.config, out, args.epochs, args.batch_size, args.lr, args.patience,
-                 args.seed, device, args.workers)
+        return pretrain(train_h5, valid_h5, out_path, cfg, device)
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}")
     finally:
         if distributed:
             dist.destroy_process_group()
-    log.info("pretraining took %.1f s", time.perf_counter() - start)
 
 
 if __name__ == "__main__":
-    main()
+    import main  # the flags and their defaults live there
+    main.main(prog="pipeline_pretrain.py")

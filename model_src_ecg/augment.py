@@ -3,9 +3,10 @@ import math
 
 import torch
 
+from helper_code import LEADS
+
 CUTMIX_ALPHA = 0.75  # lambda ~ Beta(alpha, alpha)
-LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-KEPT_LEADS = {12: LEAD_NAMES, 3: ("II", "V1", "V5"), 1: ("I",)}
+KEPT_LEADS = {12: LEADS, 3: ("II", "V1", "V5"), 1: ("I",)}
 
 
 def cutmix(x, y, rng):
@@ -33,7 +34,7 @@ def mask_leads(x, n_leads):
     """Zero every lead but the kept ones (1: I; 3: II, V1, V5; 12: all) of x (B, 12, 1, samples)."""
     if n_leads not in KEPT_LEADS:
         raise ValueError(f"n_leads must be one of {sorted(KEPT_LEADS)}, got {n_leads}")
-    if x.shape[1] != len(LEAD_NAMES):
-        raise ValueError(f"lead masking expects {len(LEAD_NAMES)} leads in dim 1, got shape {tuple(x.shape)}")
-    keep = torch.tensor([name in KEPT_LEADS[n_leads] for name in LEAD_NAMES], dtype=x.dtype, device=x.device)
+    if x.shape[1] != len(LEADS):
+        raise ValueError(f"lead masking expects {len(LEADS)} leads in dim 1, got shape {tuple(x.shape)}")
+    keep = torch.tensor([name in KEPT_LEADS[n_leads] for name in LEADS], dtype=x.dtype, device=x.device)
     return x * keep.view(1, -1, 1, 1)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .heads import TwoHeadNet, ranks_per_layer
+from .heads import TwoHeadNet, belongs_to_heads, ranks_per_layer
 from .lbitmix import LBITMIX_CONFIGS, build_lbitmix
 from .lora import InputMajorLinear, LoRAConv2d, LoRALinear, LoRAQKV
 
@@ -316,6 +316,16 @@ def mark_only_lora_as_trainable(net):
         p.requires_grad_(is_lora_trainable(name))
         count += p.numel() if p.requires_grad else 0
     return count
+
+
+def mark_trainable(net, trains):
+    """requires_grad for what a method trains: "lora" (the LoRA rule), "all", or "heads" (the two
+    heads alone, on a frozen trunk)."""
+    if trains == "lora":
+        mark_only_lora_as_trainable(net)
+        return
+    for name, p in net.named_parameters():
+        p.requires_grad_(trains == "all" or belongs_to_heads(name))
 
 
 def _is_skipped_on_load(key):

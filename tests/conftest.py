@@ -21,7 +21,7 @@ def shared_data():
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A small converted demo (make_demo's layout and formats), shared by every test that needs one."""
-    from datacollection import make_demo
+    from synthetic_ecg import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo"), seed=0, n_records=200, n_code15=200, workers=1)
 

@@ -20,7 +20,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 import datacollection as dc
-from helper_code import DATASET_SOURCE, DEMO_CLASSES, LABEL_ABBREVIATION, SCORED_LABELS, SOURCES, dataset_classes
+import ecg_dataset as ds
+import main
+import synthetic_ecg as synth
+from helper_code import (DATASET_SOURCE, DATASETS, DEMO_CLASSES, DEMO_DATASET, LABEL_ABBREVIATION, SCORED_LABELS,
+                         SOURCES, dataset_classes, h5_name)
 
 from conftest import REPO_ROOT
 
@@ -55,9 +59,9 @@ def parse_header(path):
 
 def write_good_records(folder, names, seed=0, codes=("426783006",)):
     rng = np.random.default_rng(seed)
-    signals = dc.synthesize_ecg(*dc.sample_conditions(len(names), rng), 500, 5000, rng)
+    signals = synth.synthesize_ecg(*synth.sample_conditions(len(names), rng), 500, 5000, rng)
     for name, signal in zip(names, signals):
-        dc.write_challenge_record(folder, name, signal, 500, list(codes), np.full(12, 1000.0),
+        synth.write_challenge_record(folder, name, signal, 500, list(codes), np.full(12, 1000.0),
                                   rng.integers(-20, 20, 12), 60, "Female")
 
 
@@ -69,10 +73,10 @@ def file_digest(path):
 # Label facts
 # ---------------------------------------------------------------------------------------------
 def test_class_selection_counts_and_literal_codes():
-    counts = {d: len(dataset_classes(d)) for d in dc.DATASETS}
+    counts = {d: len(dataset_classes(d)) for d in DATASETS}
     assert counts == {"WFDB_Ga": 18, "WFDB_PTBXL": 19, "WFDB_Ningbo": 23, "WFDB_ChapmanShaoxing": 16}
     table_order = [code for code, *_ in SCORED_LABELS]
-    for dataset in dc.DATASETS:
+    for dataset in DATASETS:
         classes = dataset_classes(dataset)
         assert classes == sorted(classes, key=table_order.index)
         column = SOURCES.index(DATASET_SOURCE[dataset])
@@ -80,7 +84,7 @@ def test_class_selection_counts_and_literal_codes():
     georgia = dataset_classes("WFDB_Ga")
     assert "59118001" in georgia and "713427006" not in georgia      # RBBB kept, CRBBB (28) not merged in
     assert "713427006" in dataset_classes("WFDB_Ningbo") and "59118001" not in dataset_classes("WFDB_Ningbo")
-    assert dataset_classes(dc.DEMO_DATASET) == list(DEMO_CLASSES)
+    assert dataset_classes(DEMO_DATASET) == list(DEMO_CLASSES)
     with pytest.raises(KeyError, match="unknown dataset"):
         dataset_classes("WFDB_Nowhere")
 
@@ -114,7 +118,7 @@ def test_real_records_read_and_convert(shared_data, tmp_path):
         for path in sample.glob(pattern):
             shutil.copy(path, nested / path.name)
         out = dc.convert_challenge(tmp_path / "OriginalData" / dataset, tmp_path / "out", dataset, workers=1, chunk=4)
-        assert out.name == dc.h5_name(dataset, len(dataset_classes(dataset)))
+        assert out.name == h5_name(dataset, len(dataset_classes(dataset)))
         classes = dataset_classes(dataset)
         with h5py.File(out) as f:
             records, labels = f["record_set"][:], f["label_set"][:]
@@ -171,7 +175,7 @@ def test_every_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
     (folder / "unscored.hea").write_text(text.replace("# Dx: 426783006", "# Dx: 67741000119109"))
 
     with caplog.at_level(logging.INFO, logger="datacollection"):
-        out = dc.convert_challenge(folder, tmp_path / "out", dc.DEMO_DATASET, workers=1, chunk=3)
+        out = dc.convert_challenge(folder, tmp_path / "out", DEMO_DATASET, workers=1, chunk=3)
     expected = {"nomat": "missing .mat", "nohea": "missing .hea", "garbled": "unreadable .mat",
                 "truncated": "unreadable .mat", "elevenlead": "not 12 leads", "nanrec": "non-finite samples",
                 "infrec": "non-finite samples", "zerolen": "zero length", "badheader": "unparseable header",
@@ -193,9 +197,9 @@ def test_other_sampling_rates_are_resampled_to_500_hz(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(5)
     for name, fs in (("at250", 250), ("at1000", 1000), ("at500", 500)):
-        signal = dc.synthesize_ecg(*dc.sample_conditions(1, rng), fs, 10 * fs, rng)[0]
-        dc.write_challenge_record(folder, name, signal, fs, ["426783006"], np.full(12, 500.0), np.zeros(12, int), 40, "Male")
-    out = dc.convert_challenge(folder, tmp_path / "out", dc.DEMO_DATASET)
+        signal = synth.synthesize_ecg(*synth.sample_conditions(1, rng), fs, 10 * fs, rng)[0]
+        synth.write_challenge_record(folder, name, signal, fs, ["426783006"], np.full(12, 500.0), np.zeros(12, int), 40, "Male")
+    out = dc.convert_challenge(folder, tmp_path / "out", DEMO_DATASET)
     with h5py.File(out) as f:
         names = [n.decode() if isinstance(n, bytes) else n for n in f["record_names"][:]]
         for name, record in zip(names, f["record_set"][:]):
@@ -212,12 +216,13 @@ def test_missing_dataset_folder_is_one_clear_error(tmp_path, capsys):
         dc.convert_challenge(tmp_path / "nowhere" / "WFDB_Ga", tmp_path / "out", "WFDB_Ga")
     assert str(tmp_path / "nowhere" / "WFDB_Ga") in str(error.value)
     with pytest.raises(SystemExit, match="WFDB_PTBXL") as exit_error:
-        dc.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--datasets", "WFDB_PTBXL"])
+        main.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--datasets", "WFDB_PTBXL"],
+                  prog="datacollection.py")
     assert "PhysioNet" in str(exit_error.value.code)
     with pytest.raises(FileNotFoundError, match="--demo"):
-        dc.find_dataset_h5(tmp_path, "WFDB_Ga")
+        ds.find_dataset_h5(tmp_path, "WFDB_Ga")
     with pytest.raises(FileNotFoundError, match="CODE-15"):
-        dc.convert_code15(tmp_path / "nocode", tmp_path / "out")
+        dc.convert_code15(tmp_path / "nocode", tmp_path / "out", valid_fraction=0.1, seed=18)
     assert not (tmp_path / "out").exists()
 
 
@@ -235,17 +240,17 @@ def test_interrupted_conversion_leaves_no_final_file(tmp_path, monkeypatch):
         return real_chunk(*args)
 
     fresh, existing = tmp_path / "fresh", tmp_path / "existing"
-    good = dc.convert_challenge(folder, existing, dc.DEMO_DATASET, chunk=2)
+    good = dc.convert_challenge(folder, existing, DEMO_DATASET, chunk=2)
     digest = file_digest(good)
     monkeypatch.setattr(dc, "convert_challenge_chunk", interrupted_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
-        dc.convert_challenge(folder, fresh, dc.DEMO_DATASET, chunk=2)
+        dc.convert_challenge(folder, fresh, DEMO_DATASET, chunk=2)
     assert list(fresh.iterdir()) == []
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        dc.convert_challenge(folder, existing, dc.DEMO_DATASET, chunk=2)
+        dc.convert_challenge(folder, existing, DEMO_DATASET, chunk=2)
     assert list(existing.iterdir()) == [good] and file_digest(good) == digest
-    assert dc.find_dataset_h5(existing, dc.DEMO_DATASET) == good
+    assert ds.find_dataset_h5(existing, DEMO_DATASET) == good
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +272,7 @@ def test_streaming_peak_memory_flat_in_records(tmp_path):
     for n in (64, 256):
         folder = tmp_path / f"n{n}" / "WFDB_Demo"
         folder.mkdir(parents=True)
-        dc.write_demo_challenge(folder, n, np.random.default_rng(n))
+        synth.write_demo_challenge(folder, n, np.random.default_rng(n))
         script = MEASURE_PEAK.format(repo=str(REPO_ROOT), folder=str(folder), out=str(tmp_path / f"out{n}"))
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         peaks[n] = float(result.stdout.strip().splitlines()[-1])
@@ -275,8 +280,8 @@ def test_streaming_peak_memory_flat_in_records(tmp_path):
 
 
 def test_workers_give_identical_output(tiny_demo, tmp_path):
-    raw = tiny_demo["raw_dir"] / dc.DEMO_DATASET
-    two = dc.convert_challenge(raw, tmp_path, dc.DEMO_DATASET, workers=2, chunk=8)
+    raw = tiny_demo["raw_dir"] / DEMO_DATASET
+    two = dc.convert_challenge(raw, tmp_path, DEMO_DATASET, workers=2, chunk=8)
     with h5py.File(two) as a, h5py.File(tiny_demo["challenge_h5"]) as b:
         for key in ("record_set", "label_set", "record_names"):
             np.testing.assert_array_equal(a[key][:], b[key][:])
@@ -287,7 +292,7 @@ def test_workers_give_identical_output(tiny_demo, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_code15_converter(tmp_path):
     raw = tmp_path / "CODE15"
-    dc.write_demo_code15(raw, 120, np.random.default_rng(3), per_part=50)
+    synth.write_demo_code15(raw, 120, np.random.default_rng(3), per_part=50)
     assert sorted(p.name for p in raw.glob("*.hdf5")) == ["exams_part0.hdf5", "exams_part1.hdf5", "exams_part2.hdf5"]
     exams = pd.read_csv(raw / "exams.csv").set_index("exam_id")
     with h5py.File(raw / "exams_part1.hdf5", "r+") as part:
@@ -344,7 +349,7 @@ def test_iterative_stratification_splits(tmp_path):
     labels = (rng.random((3000, len(prevalence))) < prevalence).astype(np.float32)
     path = tmp_path / "labels.hdf5"
     write_label_file(path, labels)
-    data = dc.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=18)
+    data = ds.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=18)
     train, valid, test = (set(d.indices.tolist()) for d in (data.train, data.valid, data.test))
     assert not (train & valid or train & test or valid & test)
     assert train | valid | test == set(range(3000))
@@ -359,8 +364,8 @@ def test_iterative_stratification_splits(tmp_path):
     assert data.positive_probably == pytest.approx(pool_labels.mean(0).mean())
     assert data.class_codes == [f"c{i}" for i in range(7)] and data.class_names[0] == "name0"
 
-    same = dc.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=18)
-    other = dc.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=19)
+    same = ds.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=18)
+    other = ds.load_experiment_datasets(path, finetune_label_ratio=0.1, seed=19)
     for a, b in zip(data[:3], same[:3]):
         np.testing.assert_array_equal(a.indices, b.indices)
     assert set(other.test.indices.tolist()) != test
@@ -371,7 +376,7 @@ def test_rare_class_reaches_train_when_data_allows():
     labels[:, 0] = True
     labels[:60, 1] = True        # 60 positives: 6 in a 10% pool, ~5 in train
     labels[100:103, 2] = True    # 3 positives: 0.3 expected in the pool, so none required
-    subset = dc.iterative_stratification(labels, [0.1, 0.9], np.random.default_rng(1))
+    subset = ds.iterative_stratification(labels, [0.1, 0.9], np.random.default_rng(1))
     assert labels[subset == 0, 1].sum() == 6
     assert (subset == 0).sum() == 40
 
@@ -380,7 +385,7 @@ def test_ecgh5dataset_is_lazy_and_per_process(tmp_path):
     labels = (np.random.default_rng(1).random((20, 4)) < 0.4).astype(np.float32)
     path = tmp_path / "small.hdf5"
     write_label_file(path, labels)
-    dataset = dc.ECGH5Dataset(path, indices=[3, 7, 11])
+    dataset = ds.ECGH5Dataset(path, indices=[3, 7, 11])
     assert len(dataset) == 3 and dataset.num_classes == 4 and dataset._records is None
     x, y = dataset[1]
     assert x.dtype == torch.float32 and x.shape == (12, 1, 8)
@@ -388,11 +393,11 @@ def test_ecgh5dataset_is_lazy_and_per_process(tmp_path):
         np.testing.assert_array_equal(x.numpy(), f["record_set"][7])
     np.testing.assert_array_equal(y.numpy(), labels[7])
     np.testing.assert_array_equal(dataset.labels, labels[[3, 7, 11]])
-    reduced = dc.ECGH5Dataset(path, indices=[7], leads=["II", "V1", "V5"])
+    reduced = ds.ECGH5Dataset(path, indices=[7], leads=["II", "V1", "V5"])
     kept = reduced[0][0].abs().sum(dim=(1, 2)) > 0
     assert kept.tolist() == [i in (1, 6, 10) for i in range(12)]
 
-    loader = torch.utils.data.DataLoader(dc.ECGH5Dataset(path), batch_size=5, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds.ECGH5Dataset(path), batch_size=5, num_workers=2)
     xs = torch.cat([batch[0] for batch in loader])
     with h5py.File(path) as f:
         np.testing.assert_array_equal(xs.numpy(), f["record_set"][:])
@@ -403,9 +408,9 @@ def test_ecgh5dataset_is_lazy_and_per_process(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_demo_formats_and_layout(tiny_demo):
     raw = tiny_demo["raw_dir"]
-    assert tiny_demo["challenge_h5"] == raw.parent / "Preprocessed_dataset" / dc.h5_name(dc.DEMO_DATASET, 7)
-    assert dc.find_dataset_h5(raw.parent / "Preprocessed_dataset", dc.DEMO_DATASET) == tiny_demo["challenge_h5"]
-    header = raw / dc.DEMO_DATASET / "D00000.hea"
+    assert tiny_demo["challenge_h5"] == raw.parent / "Preprocessed_dataset" / h5_name(DEMO_DATASET, 7)
+    assert ds.find_dataset_h5(raw.parent / "Preprocessed_dataset", DEMO_DATASET) == tiny_demo["challenge_h5"]
+    header = raw / DEMO_DATASET / "D00000.hea"
     fs, gains, baselines, codes = parse_header(header)
     adc = scipy.io.loadmat(header.with_suffix(".mat"))["val"]
     assert adc.dtype == np.int16 and adc.shape == (12, 5000) and fs == 500

@@ -55,7 +55,7 @@ def test_pipeline_stage_and_teacher_combinations_are_checked(tmp_path, capsys):
              (["--zo_config", "search"], "--zo_config")]
     for flags, named in cases:
         with pytest.raises(SystemExit) as stop:
-            main.main(flags, pipeline=True)
+            main.main(flags, prog="pipeline_ecg.py")
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("pipeline_ecg.py: error:"), err
         assert named in err[0]

@@ -1,9 +1,8 @@
 """The L-BiTMix family: shapes, budget, LoRA, merge, receptive field, training steps, checkpoints."""
-import argparse
-
 import pytest
 import torch
 
+import main
 from Half_Trainer import HalfTrainer, compute_loss, module_modes, zo_parameters
 from model_src_ecg import (LBITMIX_CONFIGS, LBiTMix, LBiTMixConfig, adapter_state_dict, build_model, load_adapter_state,
                            load_pretrained, mark_only_lora_as_trainable, receptive_field)
@@ -161,16 +160,14 @@ def test_named_receptive_fields_cover_two_seconds():
     assert all(receptive_field(cfg) >= 2 * ECG_HZ for cfg in LBITMIX_CONFIGS.values())
 
 
-def make_args(trainer, **overrides):
-    args = dict(zo_eps=1e-3, q=1, bp_batch=2, aux_weight=1.0, trainer=trainer, gradient_sparsity=None,
-                perturbation_mode="gaussian", coef=None, seed=7)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+def make_args(method, **overrides):
+    """The step's settings: main.py's defaults with these."""
+    return main.step_config(zo_config=method, **{"bp_batch": 2, **overrides})
 
 
 def make_trainer(net, args):
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
-    return HalfTrainer(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args)
+    return HalfTrainer(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args, seed=7)
 
 
 def test_zo_set_and_module_modes_follow_the_head_names():
@@ -198,7 +195,7 @@ def test_zo_estimate_agrees_with_the_directional_derivative():
     """
     net = adapted_model(dtype=torch.float64)
     x, y = signals(6, dtype=torch.float64), labels(6, dtype=torch.float64)
-    trainer = make_trainer(net, make_args("ho", zo_eps=1e-7))
+    trainer = make_trainer(net, make_args("htuning", zo_eps=1e-7))
     with module_modes(net, "zo"):
         features = net.feature_extraction(x)
         aux, main = net.auxiliary_classifier(features), net.classifier(features)
@@ -211,7 +208,7 @@ def test_zo_estimate_agrees_with_the_directional_derivative():
         assert trainer.last_projected_grad == pytest.approx(directional, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("trainer_name", ["ho", "zo_opt", "zo_sign_opt", "bp"])
+@pytest.mark.parametrize("trainer_name", ["htuning", "zo", "zo_sign", "lora_bp"])
 def test_every_training_step_runs_and_moves_only_the_trainable_set(trainer_name):
     net = adapted_model()
     frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
@@ -229,8 +226,9 @@ def test_pretraining_checkpoint_round_trip(tiny_demo, tmp_path):
     from pipeline_pretrain import pretrain
 
     path = tmp_path / "CODE_testlbitmix-tinybias_full_checkpoint.pkl"
-    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], "lbitmix-tiny", path, epochs=1, batch_size=64,
-             device=torch.device("cpu"))
+    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], path,
+             main.pretrain_config(config="lbitmix-tiny", pretrain_epochs=1, pretrain_batch_size=64, seed=18),
+             torch.device("cpu"))
     state = torch.load(path, weights_only=True)
     assert not any(k.startswith("auxiliary_classifier.") or "lora_" in k for k in state)
     plain = build_model("lbitmix-tiny", 6).eval()

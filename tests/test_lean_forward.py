@@ -1,6 +1,5 @@
 """The lean forward (streamed no-grad encoder, recomputing FO pass) against the plain forward:
 same outputs, same BatchNorm running statistics, same H-Tuning / ZO updates, less memory."""
-import argparse
 import contextlib
 import copy
 
@@ -9,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import benchmark
+import main
 from Half_Trainer import HalfTrainer, compute_loss, module_modes, recomputing
 from helper_code import LiveStorageCounter
 from model_src_ecg import build_model, mark_only_lora_as_trainable
@@ -87,14 +87,14 @@ def test_batch_norm_without_running_statistics_normalises_by_the_batch():
         torch.testing.assert_close(lean(x)[1], plain(x)[1], rtol=1e-5, atol=1e-6)
 
 
-def make_trainer(model, trainer, seed=3, bp_batch=2):
-    args = argparse.Namespace(zo_eps=1e-3, q=1, bp_batch=bp_batch, aux_weight=1.0, trainer=trainer,
-                              gradient_sparsity=None, perturbation_mode="gaussian", coef=None, seed=seed)
+def make_trainer(model, method, seed=3, bp_batch=2):
+    """A trainer with main.py's step settings (zo_eps 1e-3, q 1, aux_weight 1, ...) and these."""
+    args = main.step_config(zo_config=method, bp_batch=bp_batch)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    return HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args)
+    return HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args, seed)
 
 
-@pytest.mark.parametrize("trainer_name", ["ho", "zo_opt", "zo_sign_opt"])
+@pytest.mark.parametrize("trainer_name", ["htuning", "zo", "zo_sign"])
 def test_steps_on_the_lean_forward_equal_the_plain_ones(trainer_name):
     """Each step from the same state: same z (same seed), L+ and L- within 1e-5 relative, the
     projected gradient within what that allows, the same update and running statistics.
@@ -110,7 +110,7 @@ def test_steps_on_the_lean_forward_equal_the_plain_ones(trainer_name):
         model.register_forward_hook(lambda m, inputs, out: calls[id(m)].append(
             float(compute_loss(*out, y[:len(inputs[0])], 1.0).detach())))
     zo_names = set(trainers[0].zo_names)
-    eps = trainers[0].args.zo_eps
+    eps = trainers[0].cfg.zo_eps
     for current in range(3):
         plain.load_state_dict(lean.state_dict())
         before = [p.detach().clone() for p in lean.parameters()]
@@ -125,7 +125,7 @@ def test_steps_on_the_lean_forward_equal_the_plain_ones(trainer_name):
         assert abs(projected[0] - projected[1]) <= LOSS_RTOL * float(zo_losses[1].abs().sum()) / (2 * eps)
         updates = [[p.detach() - b for p, b in zip(m.parameters(), before)] for m in (lean, plain)]
         for (name, _), a, b in zip(lean.named_parameters(), *updates):
-            if trainer_name == "zo_opt" and name in zo_names:
+            if trainer_name == "zo" and name in zo_names:
                 a, b = a / projected[0], b / projected[1]
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert_same_running_stats(lean, plain)

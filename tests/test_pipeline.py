@@ -13,7 +13,8 @@ import torch
 
 import main
 import pipeline_ecg
-from datacollection import load_experiment_datasets
+from runs import load_results
+from ecg_dataset import load_experiment_datasets
 from model_src_ecg import build_model
 from pipeline_pretrain import pretrain
 
@@ -27,9 +28,10 @@ FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "-
 def backbones(tiny_demo, tmp_path_factory):
     """A tinylight backbone pretrained for one epoch on the tiny demo's CODE-15 part."""
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
-    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], CONFIG,
-             pipeline_ecg.pretrained_path(checkpoint_dir, pipeline_ecg.PRETRAIN, CONFIG),
-             epochs=1, batch_size=16, device=torch.device("cpu"))
+    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"],
+             pipeline_ecg.pretrained_path(checkpoint_dir, main.pretrain, CONFIG),
+             main.pretrain_config(config=CONFIG, pretrain_epochs=1, pretrain_batch_size=16, seed=18),
+             torch.device("cpu"))
     return checkpoint_dir
 
 
@@ -39,16 +41,16 @@ def run_main(tiny_demo, checkpoint_dir, result_dir, *flags):
     return main.main(argv)
 
 
-@pytest.mark.parametrize("mode, tuning", [("evolution", "H-Tuning"), ("FT", "FT"), ("purebp", "bp"),
-                                          ("zo", "zo"), ("zo_sign", "zo_sign")])
-def test_each_mode_runs_end_to_end(mode, tuning, tiny_demo, backbones, tmp_path, capsys):
+@pytest.mark.parametrize("mode, method", [("evolution", "htuning"), ("FT", "ft"), ("lora_bp", "lora_bp"),
+                                          ("zo", "zo"), ("zo_sign", "zo_sign"), ("probe", "probe")])
+def test_each_mode_runs_end_to_end(mode, method, tiny_demo, backbones, tmp_path, capsys):
     results = run_main(tiny_demo, backbones, tmp_path, "--zo_config", mode)
     files = sorted(tmp_path.glob("*.npy"))
     assert len(files) == 1 and files[0].with_suffix(".json").is_file()
     saved = list(np.load(files[0], allow_pickle=True))
     assert len(saved) == len(results) == 1
     student, teacher = saved[0], saved[0]["teacher"]
-    assert teacher["tuning"] == tuning and student["role"] == "student" and teacher["role"] == "teacher"
+    assert teacher["method"] == method and student["role"] == "student" and teacher["role"] == "teacher"
     for result in (student, teacher):
         assert 0.0 <= result["auc_roc_macro"] <= 1.0 and 0.0 <= result["Map_value"] <= 100.0
         assert result["trainable_num"] > 0 and result["memory"] >= 0 and result["time"] > 0
@@ -56,7 +58,7 @@ def test_each_mode_runs_end_to_end(mode, tuning, tiny_demo, backbones, tmp_path,
         assert np.isfinite(result["challenge_score"]) and result["challenge_score"] <= 1.0
     full = sum(p.numel() for p in build_model(CONFIG, 7).parameters())
     assert student["trainable_num"] == full
-    assert (teacher["trainable_num"] == full) == (mode == "FT")
+    assert (teacher["trainable_num"] == full) == (method == "ft")
     reloaded = json.loads(files[0].with_suffix(".json").read_text())
     assert reloaded[0]["teacher"]["auc_roc_macro"] == pytest.approx(teacher["auc_roc_macro"])
     table = capsys.readouterr().out
@@ -79,7 +81,7 @@ def test_search_resumes_after_interruption(tiny_demo, backbones, tmp_path, monke
     real_finetune, calls = main.finetune, []
 
     def interrupted_on_second_point(*args, **kwargs):
-        calls.append(args[2].zo_eps)
+        calls.append(args[2].step.zo_eps)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_finetune(*args, **kwargs)
@@ -89,11 +91,11 @@ def test_search_resumes_after_interruption(tiny_demo, backbones, tmp_path, monke
         run_main(tiny_demo, backbones, tmp_path, *grid)
     assert stop.value.code == 130
     (path,) = tmp_path.glob("search_*.npy")
-    first = main.load_results_json(path.with_suffix(".json"))
+    first = load_results(path)
     assert [e["zo_eps"] for e in first] == [1e-3]
 
     calls.clear()
-    monkeypatch.setattr(main, "finetune", lambda *a, **k: (calls.append(a[2].zo_eps), real_finetune(*a, **k))[1])
+    monkeypatch.setattr(main, "finetune", lambda *a, **k: (calls.append(a[2].step.zo_eps), real_finetune(*a, **k))[1])
     results = run_main(tiny_demo, backbones, tmp_path, *grid)
     assert calls == [5e-4]                     # the finished point is not redone
     assert [e["zo_eps"] for e in results] == [1e-3, 5e-4]
@@ -112,7 +114,7 @@ def test_search_with_other_settings_does_not_resume_into_an_earlier_file(tiny_de
 
 def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
-    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
                                  seed=5, checkpoint_dir=backbones, result_dir=tmp_path, run_name="det")
     first, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     second, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
@@ -123,7 +125,7 @@ def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
 
 def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, tmp_path, monkeypatch):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
-    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=20, interval=1,
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=20, interval=1,
                                  patience=2, checkpoint_dir=backbones, result_dir=tmp_path, run_name="stop")
     monkeypatch.setattr(pipeline_ecg, "mean_average_precision", lambda labels, scores: 50.0)
     stopped, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
@@ -166,7 +168,8 @@ def test_missing_data_message(tmp_path):
 
 def test_pretrain_missing_code15_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="CODE-15 HDF5 not found.*zenodo.*--demo"):
-        pretrain(tmp_path / "CODE15_train_32.hdf5", tmp_path / "CODE15_valid_32.hdf5", CONFIG, tmp_path / "x.pkl")
+        pretrain(tmp_path / "CODE15_train_32.hdf5", tmp_path / "CODE15_valid_32.hdf5", tmp_path / "x.pkl",
+                 main.pretrain_config(config=CONFIG), torch.device("cpu"))
 
 
 def test_torchrun_two_processes_gloo(tiny_demo, tmp_path):
@@ -185,13 +188,13 @@ def test_torchrun_two_processes_gloo(tiny_demo, tmp_path):
     writers = re.findall(r"rank (\d): epoch \d+, validation mAP [\d.]+, wrote", log)
     assert writers and set(writers) == {"0"}
     files = sorted(p.name for p in out_dir.iterdir())
-    assert files == [f"{pipeline_ecg.PRETRAIN}{CONFIG}bias_full_checkpoint.pkl"]
+    assert files == [f"{main.pretrain}{CONFIG}bias_full_checkpoint.pkl"]
 
     state = torch.load(out_dir / files[0], weights_only=True)
     expected = {k for k in build_model(CONFIG, 6).state_dict() if not k.startswith("auxiliary_classifier.")}
     assert set(state) == expected
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=0)
-    cfg = pipeline_ecg.RunConfig(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=1, interval=2,
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=1, interval=2,
                                  checkpoint_dir=out_dir, run_name="ddp")
     net = pipeline_ecg.build_net(cfg, data.train.num_classes, data.positive_probably)
     assert torch.equal(net.state_dict()["encoder_layers.0.conv1.conv.weight"],
@@ -202,7 +205,7 @@ def test_demo_reuses_data_pretrains_backbones_and_reports(tiny_demo, capsys):
     demo_root = tiny_demo["challenge_h5"].parent.parent
     results = main.main(["--demo", "--demo_dir", str(demo_root), "--config", CONFIG, "--finetune_epoch", "2",
                          "--interval", "1", "--device", "cpu"])
-    assert (demo_root / "pretrained_checkpoint" / f"{pipeline_ecg.PRETRAIN}{CONFIG}bias_full_checkpoint.pkl").is_file()
-    assert len(list((demo_root / "result").glob("demo_evolution_*.npy"))) == 1
-    assert results[0]["dataset"] == "WFDB_Demo" and results[0]["teacher"]["tuning"] == "H-Tuning"
+    assert (demo_root / "pretrained_checkpoint" / f"{main.pretrain}{CONFIG}bias_full_checkpoint.pkl").is_file()
+    assert len(list((demo_root / "result").glob("demo_htuning_*.npy"))) == 1
+    assert results[0]["dataset"] == "WFDB_Demo" and results[0]["teacher"]["method"] == "htuning"
     assert "== WFDB_Demo ==" in capsys.readouterr().out

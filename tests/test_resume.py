@@ -31,9 +31,10 @@ COMPARED = ("auc_roc_macro", "F1score_b", "Map_value", "best_valid_map", "iterat
 
 @pytest.fixture(scope="module")
 def backbone(tiny_demo, tmp_path_factory):
-    path = pipeline_ecg.pretrained_path(tmp_path_factory.mktemp("backbone"), pipeline_ecg.PRETRAIN, CONFIG)
-    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], CONFIG, path, epochs=1, batch_size=16,
-             device=torch.device("cpu"))
+    path = pipeline_ecg.pretrained_path(tmp_path_factory.mktemp("backbone"), main.pretrain, CONFIG)
+    pretrain(tiny_demo["code15_train"], tiny_demo["code15_valid"], path,
+             main.pretrain_config(config=CONFIG, pretrain_epochs=1, pretrain_batch_size=16, seed=18),
+             torch.device("cpu"))
     return path
 
 
@@ -93,8 +94,8 @@ def test_ctrl_c_in_the_student_leaves_the_teacher_finished_and_resumes_exactly(t
     real_step, steps = HalfTrainer.step, []
 
     def interrupt_the_student(self, *args, **kwargs):
-        steps.append(self.args.tuning)
-        if self.args.tuning == "FT" and steps.count("FT") == 5:     # the student, after its 2nd validation
+        steps.append(self.cfg.method)
+        if self.cfg.method == "ft" and steps.count("ft") == 5:     # the student, after its 2nd validation
             raise KeyboardInterrupt
         return real_step(self, *args, **kwargs)
 
@@ -109,11 +110,11 @@ def test_ctrl_c_in_the_student_leaves_the_teacher_finished_and_resumes_exactly(t
     assert len(list(checkpoints.glob("resume_*_student.pt"))) == 1
 
     steps.clear()
-    monkeypatch.setattr(HalfTrainer, "step", lambda self, *a, **k: (steps.append(self.args.tuning),
+    monkeypatch.setattr(HalfTrainer, "step", lambda self, *a, **k: (steps.append(self.cfg.method),
                                                                     real_step(self, *a, **k))[1])
     with caplog.at_level(logging.INFO):
         resumed = main.main([*argv, "--resume"])[0]
-    assert "H-Tuning" not in steps and steps.count("FT") == 12 - 4   # teacher reloaded; student from iteration 4
+    assert "htuning" not in steps and steps.count("ft") == 12 - 4   # teacher reloaded; student from iteration 4
     assert "finished earlier, reloading" in caplog.text
     assert_same_numbers(resumed, reference)
 
@@ -161,8 +162,8 @@ def test_several_seeds_run_in_turn_and_summarise(tiny_demo, backbone, tmp_path, 
     summary = json.loads(summary_csv.with_suffix(".json").read_text())
     assert summary["seeds"] == [3, 4] and len(summary["summary"]) == 2
     assert "mean ± std over seeds 3, 4" in capsys.readouterr().out
-    assert len(list(Path(dirs[3]).glob("evolution_*_seed3_0.npy"))) == 1
-    assert len(list(Path(dirs[3]).glob("evolution_*_seed4_0.npy"))) == 1
+    assert len(list(Path(dirs[3]).glob("htuning_*_seed3_0.npy"))) == 1
+    assert len(list(Path(dirs[3]).glob("htuning_*_seed4_0.npy"))) == 1
 
 
 def test_pipeline_script_stages_teacher_then_student_from_its_file(tiny_demo, backbone, tmp_path, capsys,
@@ -172,8 +173,8 @@ def test_pipeline_script_stages_teacher_then_student_from_its_file(tiny_demo, ba
     base.remove("--finetune_dataset")
     base.remove("WFDB_Demo")
     base += ["--finetune_dataset", "WFDB_Demo"]
-    (teacher,) = main.main([*base, "--stage", "teacher", "--zo_config", "zo_sign"], pipeline=True)
-    assert teacher["role"] == "teacher" and teacher["tuning"] == "zo_sign"
+    (teacher,) = main.main([*base, "--stage", "teacher", "--zo_config", "zo_sign"], prog="pipeline_ecg.py")
+    assert teacher["role"] == "teacher" and teacher["method"] == "zo_sign"
     merged = Path(teacher["checkpoint"])
     assert merged.is_file() and merged.name.startswith("merged_") and merged.name.endswith("_teacher.pt")
     out = capsys.readouterr().out
@@ -182,15 +183,15 @@ def test_pipeline_script_stages_teacher_then_student_from_its_file(tiny_demo, ba
     trained = []
     real_finetune = pipeline_ecg.finetune
     monkeypatch.setattr(main, "finetune", lambda *a, **k: (trained.append(k.get("role")), real_finetune(*a, **k))[1])
-    (student,) = main.main([*base, "--stage", "student", "--teacher", str(merged)], pipeline=True)
+    (student,) = main.main([*base, "--stage", "student", "--teacher", str(merged)], prog="pipeline_ecg.py")
     assert trained == ["student"]                          # the teacher is read from its file, not trained
     assert student["teacher"]["auc_roc_macro"] == teacher["auc_roc_macro"]
     assert "distilled" in capsys.readouterr().out
-    (alone,) = main.main([*base, "--stage", "student", "--no-distill"], pipeline=True)
+    (alone,) = main.main([*base, "--stage", "student", "--no-distill"], prog="pipeline_ecg.py")
     assert "teacher" not in alone and alone["role"] == "student"
     written = sorted(p.name for p in Path(dirs[3]).glob("*.json") if not p.name.endswith(".run.json"))
-    assert written == ["evolution_tinylight_seed18_WFDB_Demo_student_0.json",
-                       "evolution_tinylight_seed18_WFDB_Demo_student_1.json",
+    assert written == ["tinylight_seed18_WFDB_Demo_student_0.json",
+                       "tinylight_seed18_WFDB_Demo_student_1.json",
                        "zo_sign_tinylight_seed18_WFDB_Demo_teacher_0.json"]
 
 

@@ -1,11 +1,11 @@
 """Half_Trainer against a plain per-parameter reference of the step, and its memory/RNG/mode guarantees."""
-import argparse
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
+import main
 from Half_Trainer import HalfTrainer, compute_loss, mixing_coefficient, module_modes, zo_parameters
 from model_src_ecg import build_model, mark_only_lora_as_trainable
 
@@ -17,17 +17,15 @@ LR = 0.05
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
-def make_args(trainer="ho", **overrides):
-    args = dict(zo_eps=1e-3, q=1, bp_batch=BP_BATCH, aux_weight=1.0, trainer=trainer, gradient_sparsity=None,
-                perturbation_mode="gaussian", coef=None, seed=7)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+def make_args(method="htuning", **overrides):
+    """The step's settings: main.py's defaults (zo_eps 1e-3, q 1, aux_weight 1, ...) with these."""
+    return main.step_config(zo_config=method, **{"bp_batch": BP_BATCH, **overrides})
 
 
-def make_trainer(model, args):
+def make_trainer(model, args, seed=7):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR)
-    return HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args)
+    return HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), args, seed)
 
 
 def lora_model(device, seed=0, r=4, dtype=torch.float32):
@@ -76,7 +74,7 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     zo = [p for _, p in zo_parameters(model)]
     heads = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
-    if args.trainer in ("ho", "zo_opt", "zo_sign_opt"):
+    if args.method in ("htuning", "zo", "zo_sign"):
         zs = reference_z(zo, seed, args)
         with torch.no_grad(), module_modes(model, "zo"):
             for p, z in zip(zo, zs):
@@ -88,16 +86,16 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
             for p, z in zip(zo, zs):
                 p.add_(args.zo_eps * z)
         projected = float((loss_plus - loss_minus) / (2 * args.zo_eps))
-        scale = float(torch.sign(torch.tensor(projected))) if args.trainer == "zo_sign_opt" else projected
+        scale = float(torch.sign(torch.tensor(projected))) if args.method == "zo_sign" else projected
         g_zo = [scale * z for z in zs]
     optimizer.zero_grad()
-    if args.trainer == "ho":
+    if args.method == "htuning":
         with module_modes(model, "fo"):
             reference_loss(model, x[:args.bp_batch], y[:args.bp_batch], args).backward()
         c = args.coef if args.coef is not None else mixing_coefficient(current, total)
         for p, gz in zip(zo, g_zo):
             p.grad = c * p.grad + (1 - c) * p.grad.norm() * gz / (gz.norm() + 1e-6)
-    elif args.trainer in ("zo_opt", "zo_sign_opt"):
+    elif args.method in ("zo", "zo_sign"):
         with module_modes(model, "zo"):
             with torch.no_grad():
                 features = model.feature_extraction(x)
@@ -110,17 +108,17 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
         model.train()
         reference_loss(model, x, y, args, soft).backward()
     optimizer.step()
-    return (projected if args.trainer != "bp" else None)
+    return (projected if args.method != "lora_bp" else None)
 
 
 STEP_CASES = [
-    ("ho", {}),
-    ("ho", {"coef": 0.5}),
-    ("ho", {"gradient_sparsity": 0.4}),
-    ("ho", {"perturbation_mode": "rademacher"}),
-    ("zo_opt", {}),
-    ("zo_sign_opt", {}),
-    ("bp", {}),
+    ("htuning", {}),
+    ("htuning", {"coef": 0.5}),
+    ("htuning", {"gradient_sparsity": 0.4}),
+    ("htuning", {"perturbation_mode": "rademacher"}),
+    ("zo", {}),
+    ("zo_sign", {}),
+    ("lora_bp", {}),
 ]
 
 
@@ -148,7 +146,7 @@ def test_distillation_step_matches_reference(device):
     reference = copy.deepcopy(model)
     x, y = batch(device, dtype=torch.float64)
     soft = torch.sigmoid(torch.randn_like(y))
-    args = make_args("bp")
+    args = make_args("lora_bp")
     make_trainer(model, args).step(x, y, 0, 10, soft_targets=soft)
     reference_step(reference, x, y, args, None, 0, 10, soft=soft)
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -162,14 +160,14 @@ def test_projected_grad_is_the_central_difference_of_the_same_loss():
     trainer = make_trainer(model, make_args())
     trainer.zo_gradient(x, y)
     zo = [p for _, p in zo_parameters(model)]
-    zs = reference_z(zo, trainer.last_seed, trainer.args)
+    zs = reference_z(zo, trainer.last_seed, trainer.cfg)
     losses = []
     for sign in (1, -1):
         probe = copy.deepcopy(model)
         with torch.no_grad(), module_modes(probe, "zo"):
             for p, z in zip([p for _, p in zo_parameters(probe)], zs):
                 p.add_(sign * 1e-3 * z)
-            losses.append(float(reference_loss(probe, x, y, trainer.args)))
+            losses.append(float(reference_loss(probe, x, y, trainer.cfg)))
     assert trainer.last_projected_grad == pytest.approx((losses[0] - losses[1]) / 2e-3, rel=1e-6)
 
 
@@ -201,9 +199,9 @@ def smooth_setup(seed=0):
     y = (torch.rand(16, 3) < 0.5).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # estimates only: parameters stay put
     trainer = HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                          make_args("zo_opt", seed=seed))
+                          make_args("zo"), seed)
     with module_modes(model, "zo"):
-        loss = reference_loss(model, x, y, trainer.args)
+        loss = reference_loss(model, x, y, trainer.cfg)
     true_grad = torch.autograd.grad(loss, trainer.zo_params)
     return model, x, y, trainer, true_grad
 
@@ -212,7 +210,7 @@ def test_projected_grad_agrees_with_the_directional_derivative():
     model, x, y, trainer, true_grad = smooth_setup()
     for _ in range(5):
         trainer.zo_gradient(x, y)
-        zs = reference_z(trainer.zo_params, trainer.last_seed, trainer.args)
+        zs = reference_z(trainer.zo_params, trainer.last_seed, trainer.cfg)
         directional = sum(float((z * g).sum()) for z, g in zip(zs, true_grad))
         assert trainer.last_projected_grad == pytest.approx(directional, rel=0.05)
 
@@ -229,7 +227,7 @@ def test_zo_gradient_points_along_the_true_gradient_on_average():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("trainer_name", ["ho", "zo_opt", "zo_sign_opt", "bp"])
+@pytest.mark.parametrize("trainer_name", ["htuning", "zo", "zo_sign", "lora_bp", "probe"])
 def test_frozen_parameters_are_bit_identical(device, trainer_name):
     model = lora_model(device)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -265,7 +263,7 @@ def test_zo_passes_save_no_activations():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.zo_gradient(x, y)
         assert sum(saved) == 0
-        reference_loss(model, x, y, trainer.args)  # control: a graph-building forward is seen
+        reference_loss(model, x, y, trainer.cfg)  # control: a graph-building forward is seen
     assert sum(saved) > 0
 
 
@@ -281,7 +279,7 @@ def test_module_modes_in_each_phase_and_restored_after():
         model.train(initial)
         modes_before = [m.training for m in model.modules()]
         seen.clear()
-        trainer.ho_step(x, y, 0, 10)
+        trainer.htuning_step(x, y, 0, 10)
         zo_mode = {"bn": True, "ln": True, "conv": False, "head": False}
         fo_mode = {"bn": False, "ln": True, "conv": True, "head": True}
         assert seen == [zo_mode, zo_mode, fo_mode]
@@ -313,7 +311,7 @@ def test_sparsity_is_exact_and_one_mask_serves_every_use_of_z(sparsity):
         assert torch.equal(perturbations[0][i], g.ne(0)) and torch.equal(perturbations[1][i], g.ne(0)), name
 
 
-@pytest.mark.parametrize("trainer_name", ["ho", "zo_opt", "zo_sign_opt"])
+@pytest.mark.parametrize("trainer_name", ["htuning", "zo", "zo_sign"])
 def test_global_rng_untouched_and_steps_deterministic(trainer_name):
     x, y = batch("cpu")
     finals = []
@@ -329,6 +327,6 @@ def test_global_rng_untouched_and_steps_deterministic(trainer_name):
     assert all(torch.equal(a, b) for a, b in zip(*finals))
 
 
-def test_unknown_trainer_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown trainer"):
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method 'adam'"):
         make_trainer(lora_model("cpu"), make_args("adam"))

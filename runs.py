@@ -1,0 +1,229 @@
+"""A run's files and everything resuming needs: one scheme for every kind of run.
+
+A run is named `{prefix}_{n}`. Its number is claimed by creating `{prefix}_{n}.run.json` with an
+exclusive create, so two runs started together into one folder never share a name. The manifest
+holds the run's settings and whether it finished; `--resume` continues the latest unfinished run
+of the same prefix whose settings are the same (a search also reopens a finished one, so a grown
+grid continues in the same file). Its results go to `{prefix}_{n}.npy` and `.json`.
+
+A run trains stages (a dataset's teacher or student). A stage's files are named
+`{run}_{dataset}_{role}` and carry the stage's settings, so a file written under other settings is
+never used:
+- `best_*.pt` (checkpoint_dir): the best state so far;
+- `resume_*.pt` (checkpoint_dir): everything needed to continue exactly, rewritten at every
+  validation (weights, optimizer, scheduler, counters, every random generator, the history);
+- `merged_*.pt` (checkpoint_dir): the finished stage, reloaded instead of trained again;
+- `*_history.csv` (result_dir): one row per validation.
+
+NOT_AFFECTING_RESULTS is the one list of settings that say where files go, how fast a run goes or
+which run to continue, and never what it computes: they are left out of every settings check.
+"""
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helper_code import atomic_path, settings_differences, settings_digest, state_digest, to_jsonable
+
+log = logging.getLogger("adagrad_fusion.runs")
+
+NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume")
+HISTORY_COLUMNS = ("iteration", "train_loss", "valid_map", "lr", "coef", "seconds")
+MANIFEST = ".run.json"
+
+
+def affecting_results(settings):
+    """The settings that decide a run's numbers, sorted by name."""
+    return {k: v for k, v in sorted(settings.items()) if k not in NOT_AFFECTING_RESULTS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: numbered, claimed atomically, resumable by settings
+# ---------------------------------------------------------------------------------------------
+def claim(folder, prefix, suffix=MANIFEST):
+    """`folder/{prefix}_{n}` with the first n whose `suffix` file this call could create exclusively
+    (the file is left empty for the caller to fill). Concurrent callers always get different n."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        stem = folder / f"{prefix}_{n}"
+        try:
+            with open(stem.with_name(stem.name + suffix), "x"):
+                return stem
+        except FileExistsError:
+            n += 1
+
+
+def _manifests(result_dir, prefix):
+    """(n, manifest content) of every run `{prefix}_{n}` in result_dir, by n."""
+    found = []
+    for manifest in Path(result_dir).glob(f"{prefix}_*{MANIFEST}"):
+        number = manifest.name[len(prefix) + 1:-len(MANIFEST)]
+        text = manifest.read_text() if number.isdigit() else ""
+        if text:  # empty: claimed a moment ago, its manifest not yet written
+            found.append((int(number), json.loads(text)))
+    return sorted(found, key=lambda item: item[0])
+
+
+def open_run(result_dir, prefix, settings, resume, reopen_finished=False):
+    """(path of the run's .npy, resuming): with `resume`, the latest unfinished run of `prefix` with
+    these settings (or finished too, with reopen_finished); otherwise a newly claimed run."""
+    settings = affecting_results(settings)
+    digest = settings_digest(settings)
+    if resume:
+        runs = [(n, content) for n, content in _manifests(result_dir, prefix)
+                if reopen_finished or not content["finished"]]
+        same = [n for n, content in runs if content["digest"] == digest]
+        if same:
+            path = Path(result_dir) / f"{prefix}_{same[-1]}.npy"
+            log.info("resuming %s", path.with_suffix(MANIFEST))
+            return path, True
+        if runs:
+            n, content = runs[-1]
+            log.warning("--resume: %s_%d was run with other settings (%s); starting a new run", prefix, n,
+                        settings_differences(content["settings"], to_jsonable(settings)))
+        else:
+            log.info("--resume: no unfinished run %s_* in %s; starting a new run", prefix, result_dir)
+    path = claim(result_dir, prefix).with_suffix(".npy")
+    write_manifest(path, settings, finished=False)
+    return path, False
+
+
+def write_manifest(path, settings, finished):
+    settings = affecting_results(settings)
+    with atomic_path(Path(path).with_suffix(MANIFEST)) as tmp:
+        tmp.write_text(json.dumps({"settings": to_jsonable(settings), "digest": settings_digest(settings),
+                                   "finished": finished}, indent=1))
+
+
+def save_results(npy_path, results):
+    """The run's results list as .npy and JSON beside it, each written atomically."""
+    with atomic_path(npy_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.array(results, dtype=object), allow_pickle=True)
+    with atomic_path(Path(npy_path).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(to_jsonable(results), indent=1))
+
+
+def load_results(npy_path):
+    """A run's results list from its JSON (never from the pickled .npy, which could run code):
+    lists of numbers back to arrays, and null back to NaN. [] when there is none yet."""
+    def restore(value):
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return np.array([np.nan if v is None else v for v in value], dtype=np.float64)
+        return np.nan if value is None else value
+    json_path = Path(npy_path).with_suffix(".json")
+    return [restore(entry) for entry in json.loads(json_path.read_text())] if json_path.is_file() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: the files of one dataset's teacher or student, and the state a resume restores
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """The training loop's counters; saved with every resumable state."""
+    current: int = 0
+    best_map: float = -np.inf
+    checks_without_gain: int = 0
+    step_seconds: float = 0.0           # inside the step only: the reported s/iteration
+    elapsed: float = 0.0                # wall seconds of the stage, across resumes
+    batch_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    def record(self, loss, seconds):
+        """One training step done: its loss and the seconds it took."""
+        self.current += 1
+        self.batch_in_epoch += 1
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.step_seconds += seconds
+
+
+class Stage:
+    """One stage's files and the settings that must match to reuse them: the run's settings, the
+    split and the teacher (a digest of its weights)."""
+
+    def __init__(self, cfg, split_indices, dataset, role, teacher_state=None):
+        key = f"{cfg.run_name}_{dataset}_{role}"
+        checkpoints = Path(cfg.checkpoint_dir)
+        self.best = checkpoints / f"best_{key}.pt"
+        self.resume = checkpoints / f"resume_{key}.pt"
+        self.merged = checkpoints / f"merged_{key}.pt"
+        self.history = Path(cfg.result_dir) / f"{key}_history.csv"
+        split = np.concatenate([np.append(indices, -1) for indices in split_indices]).astype(np.int64)
+        self.settings = to_jsonable({**affecting_results(asdict(cfg)), "dataset": dataset, "role": role,
+                                     "split": hashlib.sha256(split.tobytes()).hexdigest()[:16],
+                                     "teacher": None if teacher_state is None else state_digest(teacher_state)})
+
+    def _usable(self, path, what):
+        """The saved dict at `path` if it exists and was written under these settings, else None
+        (saying why when the file exists but was written under other settings)."""
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["settings"] != self.settings:
+            log.warning("not using %s %s: written under other settings (%s)", what, path,
+                        settings_differences(saved["settings"], self.settings))
+            return None
+        return saved
+
+    def finished(self):
+        """The merged file's dict when this stage finished earlier under these settings, else None."""
+        return self._usable(self.merged, "finished stage")
+
+    def resumable(self):
+        """The resumable state written at the last validation under these settings, else None."""
+        return self._usable(self.resume, "resumable state")
+
+    def start_over(self):
+        """A fresh start: files a stage of this name left earlier are not continued."""
+        for stale in (self.resume, self.merged):
+            stale.unlink(missing_ok=True)
+
+    def save_best(self, state):
+        with atomic_path(self.best) as tmp:
+            torch.save(state, tmp)
+
+    def load_best(self, device):
+        return torch.load(self.best, map_location=device, weights_only=True)
+
+    def save_resumable(self, **state):
+        with atomic_path(self.resume) as tmp:
+            torch.save({"settings": self.settings, **state}, tmp)
+
+    def save_merged(self, **content):
+        """The finished stage, atomically; its resumable state is no longer needed."""
+        with atomic_path(self.merged) as tmp:
+            torch.save({"settings": self.settings, **content}, tmp)
+        self.resume.unlink(missing_ok=True)
+
+    def write_history(self, rows):
+        with atomic_path(self.history) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def random_states(cutmix_rng, order_epoch_start, trainer):
+    """Every random state a stage draws from: torch, NumPy, CutMix's generator, the data order at
+    the start of the current epoch, and the trainer's generator of z."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cutmix": cutmix_rng.bit_generator.state, "order": order_epoch_start,
+            "trainer": trainer.rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest]}
+
+
+def restore_random_states(states, cutmix_rng, order_generator, trainer):
+    torch.set_rng_state(states["torch"])
+    cutmix_rng.bit_generator.state = states["cutmix"]
+    order_generator.set_state(states["order"])
+    trainer.set_rng_state(states["trainer"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
