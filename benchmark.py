@@ -550,43 +550,31 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, cfg, current, total):
 
 
 def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MODEL_SAMPLES):
-    """Build what one method of the `step` and `memory` sections trains (model, AdamW, trainer,
-    one batch) and return step(i), which runs training step i with the project's own step code.
-    The step's settings are main.py's, with this section's bp_batch."""
+    """step(i) of one method of the `step` and `memory` sections: training step i with the project's
+    own step code (main.py's step settings, this section's bp_batch), or one of the references:
+    `htuning_naive` (the published-style step) and `floor` (two no-grad forwards on the batch plus
+    backprop on bp_batch), both on H-Tuning's model."""
     import torch
 
     import main
-    from Half_Trainer import METHODS, HalfTrainer
-    from model_src_ecg import build_model, mark_trainable
+    from Half_Trainer import METHODS
+    from simulated_memory import training_setup
 
-    torch.manual_seed(0)
-    trained_method = method if method in METHODS else "htuning"   # htuning_naive and floor build H-Tuning's model
-    step_cfg = main.step_config(zo_config=trained_method, bp_batch=bp_batch)
-    trains = METHODS[trained_method]
-    with device:  # built in place: FakeTensor parameters cannot be moved by Module.to
-        model = build_model(config, num_class, r=LORA_RANK if trains == "lora" else 0)
-    mark_trainable(model, trains)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                  weight_decay=main.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 12, 1, samples, generator=g).to(device)
-    y = (torch.rand(batch, num_class, generator=g) < 0.2).float().to(device)
-    trainer = HalfTrainer(model, optimizer, scheduler, step_cfg)
-
-    def floor_step(i):
-        with torch.no_grad():
-            model(x)
-            model(x)
-        trainer.backprop_step(x[:bp_batch], y[:bp_batch])
-
-    if method in METHODS:
-        return lambda i: trainer.step(x, y, i, 100)
+    if method not in (*METHODS, "htuning_naive", "floor"):
+        raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
+    step_cfg = main.step_config(zo_config=method if method in METHODS else "htuning", bp_batch=bp_batch)
+    parts = training_setup(step_cfg, device, config, batch, num_class, LORA_RANK, main.weight_decay, samples)
+    model, x, y = parts.model, parts.x, parts.y
     if method == "htuning_naive":
-        return lambda i: _naive_htuning_step(model, optimizer, scheduler, x, y, step_cfg, i, 100)
+        return lambda i: _naive_htuning_step(model, parts.optimizer, parts.scheduler, x, y, step_cfg, i, 100)
     if method == "floor":
+        def floor_step(i):
+            with torch.no_grad():
+                model(x)
+                model(x)
+            parts.trainer.backprop_step(x[:bp_batch], y[:bp_batch])
         return floor_step
-    raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
+    return lambda i: parts.trainer.step(x, y, i, 100)
 
 
 def _step_method_figures(method, device, config, batch, bp_batch, num_class, repeats):
@@ -653,47 +641,24 @@ def _memory_runner(method, device, config, student_config, batch, bp_batch, num_
     """step(i) of a `memory` method: a training step (MEMORY_STEP_METHODS) or
     `infer_{teacher|student}_{b1|bB}`, a no-grad forward of an r=0 model (what a merged LoRA
     model costs) on one record or on the whole batch."""
-    import torch
-
-    from model_src_ecg import build_model
+    from simulated_memory import inference_setup
 
     if method in MEMORY_STEP_METHODS:
         return _step_runner(method, device, config, batch, bp_batch, num_class, samples)
     _, role, size = method.split("_")
-    with device:
-        net = build_model(config if role == "teacher" else student_config, num_class).eval()
-    x = torch.randn(1 if size == "b1" else batch, 12, 1, samples).to(device)
-
-    def infer(i):
-        with torch.no_grad():
-            net(x)
-    return infer
+    return inference_setup(config if role == "teacher" else student_config, device, 1 if size == "b1" else batch,
+                           num_class, samples)
 
 
 def memory_figures(method, config, student_config, batch, bp_batch, num_class, samples=MODEL_SAMPLES, fake=True):
-    """Simulated allocator peak (LiveStorageCounter) over one steady-state step of `method`: the
-    model, optimizer, trainer and data are built under the counter, one warm-up step creates the
-    optimizer state, and the peak of the next step is reported with everything alive at its start
-    (weights, optimizer state, data) included, as torch.cuda.max_memory_allocated would after a
-    reset. fake=True runs on FakeTensors (no data: seconds for any size); fake=False on real CPU
-    tensors, the same count."""
-    import contextlib
-
+    """Simulated allocator peak of one steady-state step of `method` (simulated_memory.counted_peak):
+    {peak_mb, at_start_mb}. fake=False counts the same over real CPU tensors."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from helper_code import LiveStorageCounter
+    from simulated_memory import counted_peak
 
-    with contextlib.ExitStack() as modes:
-        if fake:
-            modes.enter_context(FakeTensorMode())
-        counter = modes.enter_context(LiveStorageCounter())
-        step = _memory_runner(method, torch.device("cpu"), config, student_config, batch, bp_batch, num_class, samples)
-        step(0)
-        counter.reset_peak()
-        at_start = counter.live_bytes()
-        step(1)
-        return {"peak_mb": counter.peak_bytes / 2**20, "at_start_mb": at_start / 2**20}
+    return counted_peak(lambda: _memory_runner(method, torch.device("cpu"), config, student_config, batch, bp_batch,
+                                               num_class, samples), fake)
 
 
 def _gpu_memory_figures(method, device, config, student_config, batch, bp_batch, num_class):

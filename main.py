@@ -434,8 +434,7 @@ def run_search(args, h5_paths, device):
     """The hyper-parameter grid for the H-Tuning teacher. It continues the search of the same other
     settings (a grown grid included) from the JSON it saves after every point."""
     settings = {k: v for k, v in vars(args).items() if k not in SEARCH_GRID}
-    path, _ = open_run(args.result_dir, f"search_{args.config}_seed{args.seed}", settings, resume=True,
-                       reopen_finished=True)
+    path, _ = open_run(args.result_dir, f"search_{args.config}_seed{args.seed}", settings, resume=True)
     teacher_cfg, _ = configs_of(args, path.stem, method="htuning")
     results = load_results(path)
     done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}
@@ -463,6 +462,43 @@ def run_search(args, h5_paths, device):
     return results
 
 
+PAPER_SCALE = dict(config="medium", batch=128, num_class=23)   # the simulated GPU peak of `compare`; bp_batch is the run's
+
+
+def run_compare(args, h5_paths, device):
+    """Fine-tune the teacher with every method of compare_methods on the same split, with the same
+    budget, early stopping and evaluation; results saved after each method. Finished methods are
+    reloaded on --resume."""
+    path, resuming = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), vars(args), args.resume)
+    results = []
+    for dataset, h5_path in h5_paths.items():
+        data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)
+        for method in args.compare_methods:
+            teacher_cfg, _ = configs_of(args, f"{path.stem}_{method}", resuming, method=method)
+            result, _ = finetune(data, dataset, teacher_cfg, device)
+            results.append(result)
+            save_results(path, results)
+        print(report.format_table(dataset, [(report.describe(e), e) for e in results if e["dataset"] == dataset]),
+              flush=True)
+    write_manifest(path, vars(args), finished=True)
+    log.info("results written to %s and %s", path, path.with_suffix(".json"))
+    return results
+
+
+def simulated_peaks(args):
+    """{method: simulated GPU peak in MiB} of one training step at the paper's scale, each method
+    with this run's step settings."""
+    from simulated_memory import training_peak_mb
+
+    peaks = {}
+    for method in args.compare_methods:
+        step_cfg = step_config(**{**vars(args), "zo_config": method})
+        peaks[method] = training_peak_mb(step_cfg, PAPER_SCALE["config"], PAPER_SCALE["batch"],
+                                         PAPER_SCALE["num_class"], args.r, args.weight_decay)
+        log.info("compare: %s holds %.0f MiB at the paper's scale (simulated)", method, peaks[method])
+    return peaks
+
+
 def resume_command(prog, argv):
     """The command line that continues this run."""
     return shlex.join(["python", prog, *argv, *([] if "--resume" in argv else ["--resume"])])
@@ -479,15 +515,18 @@ def run_main(args, parser, argv):
         prepare_demo(args, device)
     h5_paths = locate_datasets(args)
     check_checkpoints(args)
-    run = run_search if args.zo_config == "search" else run_experiment
+    run = {"search": run_search, "compare": run_compare}.get(args.zo_config, run_experiment)
     try:
         results_by_seed = {s: run(one_seed(args, s), h5_paths, device) for s in args.seed}
     except KeyboardInterrupt:
         log.warning("interrupted: every file written so far is complete. Continue with:\n  %s",
                     resume_command(parser.prog, argv))
         raise SystemExit(130)
-    if len(results_by_seed) > 1 and args.zo_config != "search":
-        report.summarise_seeds(args, results_by_seed, run_prefix(args, f"seeds{'-'.join(map(str, args.seed))}"))
+    seeds_prefix = run_prefix(args, f"seeds{'-'.join(map(str, args.seed))}")
+    if args.zo_config == "compare":
+        report.summarise_comparison(args, results_by_seed, simulated_peaks(args), PAPER_SCALE, seeds_prefix)
+    elif len(results_by_seed) > 1 and args.zo_config != "search":
+        report.summarise_seeds(args, results_by_seed, seeds_prefix)
     results = list(results_by_seed.values())
     return results[0] if len(results) == 1 else results_by_seed
 

@@ -308,7 +308,8 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     result.update(trainable_num=trainable_num, memory=peak.peak_mb,
                   time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
                   best_valid_map=progress.best_map, role=role, config=cfg.config, method=cfg.method,
-                  r=cfg.rank, leads=cfg.leads, dataset=dataset, checkpoint=str(stage.merged))
+                  r=cfg.rank, leads=cfg.leads, dataset=dataset, checkpoint=str(stage.merged),
+                  history=str(stage.history))
     stage.save_merged(result=_result_to_tensors(result),
                       model=model_description(net, cfg, data, thresholds))
     log.info("%s %s: test macro AUROC %.4f, F-beta %.4f, mAP %.2f", dataset, role, result["auc_roc_macro"],

@@ -92,3 +92,107 @@ def summarise_seeds(args, results_by_seed, prefix):
                          "dataset"), flush=True)
     log.info("seed summary written to %s and %s", path.with_suffix(".csv"), path.with_suffix(".json"))
     return rows
+
+
+COMPARE_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score")
+
+
+def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
+    """Per dataset and method: mean ± std over the seeds of the test metrics, trainable parameters,
+    measured peak memory, s/iteration, and the simulated GPU peak at `scale`. Printed, written as
+    `{prefix}_summary_{n}.csv` and `.json`, with two pictures beside them: accuracy against
+    simulated memory (`..._tradeoff_{n}.png`) and validation mAP against iteration
+    (`..._validation_{n}.png`)."""
+    rows = []
+    for dataset in args.finetune_dataset:
+        for method in args.compare_methods:
+            entries = [e for results in results_by_seed.values() for e in results
+                       if e["dataset"] == dataset and e["method"] == method]
+            rows.append({"dataset": dataset, "method": method, "seeds": len(entries),
+                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time")),
+                         "trainable_num": int(entries[0]["trainable_num"]), "simulated_gpu_mb": simulated_mb[method],
+                         "histories": [e["history"] for e in entries]})
+    scale_note = f"simulated GPU peak: {scale['config']}, batch {scale['batch']}, bp_batch {args.bp_batch}, " \
+                 f"{scale['num_class']} classes"
+    stem = write_summary(args.result_dir, f"{prefix}_summary", [{k: v for k, v in row.items() if k != "histories"}
+                                                                for row in rows],
+                         {"seeds": list(results_by_seed), "simulated": scale_note})
+    pictures = [stem.with_name(stem.name.replace("_summary_", f"_{kind}_") + ".png") for kind in ("tradeoff", "validation")]
+    plot_tradeoff(rows, pictures[0], scale_note)
+    plot_validation(rows, pictures[1])
+    print(format_comparison(rows, list(results_by_seed), scale_note), flush=True)
+    log.info("comparison written to %s, %s and %s", stem.with_suffix(".csv"), *pictures)
+    return rows
+
+
+def format_comparison(rows, seeds, scale_note):
+    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in COMPARE_FIGURES]
+    width = max(len(row["method"]) for row in rows) + 2
+    lines = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        lines.append(f"== {dataset}: mean ± std over seeds {', '.join(map(str, seeds))} ==")
+        lines.append(f"{'method':<{width}}" + "".join(f"{name:>20}" for name, _, _ in figures)
+                     + f"{'trainable':>12}{'peak MiB':>11}{'s/iter':>9}{'GPU MiB':>10}")
+        for row in (row for row in rows if row["dataset"] == dataset):
+            lines.append(f"{row['method']:<{width}}" + "".join(
+                f"{fmt.format(row[key + '_mean']) + ' ± ' + fmt.format(row[key + '_std']):>20}"
+                for _, key, fmt in figures) + f"{row['trainable_num']:>12,}{row['memory_mean']:>11.1f}"
+                f"{row['time_mean']:>9.3f}{row['simulated_gpu_mb']:>10.0f}")
+    lines.append(f"(peak MiB: measured on this run's device; GPU MiB: {scale_note})")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(figure, path):
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+
+
+def plot_tradeoff(rows, path, scale_note):
+    """Test macro AUROC (mean, error bar: std over seeds) against simulated GPU memory, a point per method."""
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for row in (row for row in rows if row["dataset"] == dataset):
+            ax.errorbar(row["simulated_gpu_mb"], row["auc_roc_macro_mean"], yerr=row["auc_roc_macro_std"], fmt="o",
+                        capsize=4, label=row["method"])
+            ax.annotate(row["method"], (row["simulated_gpu_mb"], row["auc_roc_macro_mean"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"GPU memory of one training step, MiB ({scale_note.split(': ', 1)[1]})", fontsize=8)
+        ax.set_ylabel("test macro AUROC (mean ± std over seeds)")
+        ax.set_title(dataset)
+        ax.grid(True, which="both", alpha=0.3)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_validation(rows, path):
+    """Validation mAP against iteration, one curve per method: the mean over the seeds' histories
+    at each validated iteration (a run that stopped early leaves the mean to the others)."""
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for row in (row for row in rows if row["dataset"] == dataset):
+            by_iteration = {}
+            for history in row["histories"]:
+                with open(history, newline="") as f:
+                    for entry in csv.DictReader(f):
+                        by_iteration.setdefault(int(entry["iteration"]), []).append(float(entry["valid_map"]))
+            iterations = sorted(by_iteration)
+            ax.plot(iterations, [np.mean(by_iteration[i]) for i in iterations], marker=".", label=row["method"])
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("validation mAP (mean over seeds)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+    _save(figure, path)
+    plt.close(figure)

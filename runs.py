@@ -2,9 +2,9 @@
 
 A run is named `{prefix}_{n}`. Its number is claimed by creating `{prefix}_{n}.run.json` with an
 exclusive create, so two runs started together into one folder never share a name. The manifest
-holds the run's settings and whether it finished; `--resume` continues the latest unfinished run
-of the same prefix whose settings are the same (a search also reopens a finished one, so a grown
-grid continues in the same file). Its results go to `{prefix}_{n}.npy` and `.json`.
+holds the run's settings and whether it finished; `--resume` continues the latest run of the same
+prefix whose settings are the same, an unfinished one first (a search always does, so a grown grid
+continues in the same file). Its results go to `{prefix}_{n}.npy` and `.json`.
 
 A run trains stages (a dataset's teacher or student). A stage's files are named
 `{run}_{dataset}_{role}` and carry the stage's settings, so a file written under other settings is
@@ -71,21 +71,23 @@ def _manifests(result_dir, prefix):
     return sorted(found, key=lambda item: item[0])
 
 
-def open_run(result_dir, prefix, settings, resume, reopen_finished=False):
-    """(path of the run's .npy, resuming): with `resume`, the latest unfinished run of `prefix` with
-    these settings (or finished too, with reopen_finished); otherwise a newly claimed run."""
+def open_run(result_dir, prefix, settings, resume):
+    """(path of the run's .npy, resuming): with `resume`, the latest run of `prefix` with these
+    settings, unfinished ones first (a finished one is reloaded stage by stage, not trained again);
+    otherwise, or when there is none, a newly claimed run."""
     settings = affecting_results(settings)
     digest = settings_digest(settings)
     if resume:
-        runs = [(n, content) for n, content in _manifests(result_dir, prefix)
-                if reopen_finished or not content["finished"]]
-        same = [n for n, content in runs if content["digest"] == digest]
+        runs = _manifests(result_dir, prefix)
+        same = [(content["finished"], n) for n, content in runs if content["digest"] == digest]
         if same:
-            path = Path(result_dir) / f"{prefix}_{same[-1]}.npy"
-            log.info("resuming %s", path.with_suffix(MANIFEST))
+            finished, n = min(same, key=lambda item: (item[0], -item[1]))
+            path = Path(result_dir) / f"{prefix}_{n}.npy"
+            log.info("resuming %s%s", path.with_suffix(MANIFEST), " (finished: its stages are reloaded)" * finished)
             return path, True
-        if runs:
-            n, content = runs[-1]
+        unfinished = [(n, content) for n, content in runs if not content["finished"]]
+        if unfinished:
+            n, content = unfinished[-1]
             log.warning("--resume: %s_%d was run with other settings (%s); starting a new run", prefix, n,
                         settings_differences(content["settings"], to_jsonable(settings)))
         else:

@@ -1,5 +1,6 @@
 """Pipelines end to end on tiny demo data: every main.py mode, the resumable search, distributed
 pretraining, and the messages a researcher gets for missing data or checkpoints."""
+import csv
 import json
 import os
 import re
@@ -209,3 +210,46 @@ def test_demo_reuses_data_pretrains_backbones_and_reports(tiny_demo, capsys):
     assert len(list((demo_root / "result").glob("demo_htuning_*.npy"))) == 1
     assert results[0]["dataset"] == "WFDB_Demo" and results[0]["teacher"]["method"] == "htuning"
     assert "== WFDB_Demo ==" in capsys.readouterr().out
+
+
+def test_compare_fine_tunes_every_method_on_one_split_and_resumes(tiny_demo, backbones, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setitem(main.PAPER_SCALE, "config", CONFIG)           # the simulated count, small and quick
+    monkeypatch.setitem(main.PAPER_SCALE, "batch", 8)
+    methods = ["ft", "htuning", "probe"]
+    compare = ["--zo_config", "compare", "--compare_methods", *methods, "--seed", "3", "4"]
+    real_finetune, trained = main.finetune, []
+
+    def interrupted_at_the_second_seeds_probe(*args, **kwargs):
+        if args[2].method == "probe" and args[2].seed == 4:
+            raise KeyboardInterrupt
+        trained.append((args[2].seed, args[2].method))
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(main, "finetune", interrupted_at_the_second_seeds_probe)
+    with pytest.raises(SystemExit) as stop:
+        run_main(tiny_demo, backbones, tmp_path, *compare)
+    assert stop.value.code == 130 and trained == [(3, "ft"), (3, "htuning"), (3, "probe"), (4, "ft"), (4, "htuning")]
+    merged_before = sorted(p.name for p in Path(backbones).glob("merged_*compare*"))
+
+    monkeypatch.setattr(main, "finetune", real_finetune)
+    by_seed = run_main(tiny_demo, backbones, tmp_path, *compare, "--resume")
+    merged_after = sorted(p.name for p in Path(backbones).glob("merged_*compare*"))
+    assert len(merged_after) == 6 and set(merged_before) < set(merged_after)   # only seed 4's probe was trained
+    for seed in (3, 4):
+        assert [e["method"] for e in by_seed[seed]] == methods
+        splits = {torch.load(e["checkpoint"], weights_only=True)["settings"]["split"] for e in by_seed[seed]}
+        assert len(splits) == 1                                    # every method on the seed's one split
+    (summary,) = tmp_path.glob("*compare*_summary_0.csv")
+    rows = {row["method"]: row for row in csv.DictReader(open(summary))}
+    assert list(rows) == methods
+    aurocs = [by_seed[s][2]["auc_roc_macro"] for s in (3, 4)]
+    assert float(rows["probe"]["auc_roc_macro_mean"]) == pytest.approx(np.mean(aurocs))
+    assert float(rows["probe"]["auc_roc_macro_std"]) == pytest.approx(np.std(aurocs, ddof=1))
+    assert float(rows["ft"]["simulated_gpu_mb"]) > float(rows["htuning"]["simulated_gpu_mb"]) > 0
+    assert int(rows["probe"]["trainable_num"]) < int(rows["htuning"]["trainable_num"])
+    for kind in ("tradeoff", "validation"):
+        (picture,) = tmp_path.glob(f"*compare*_{kind}_0.png")
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds 3, 4" in out and "GPU MiB" in out
