@@ -166,6 +166,8 @@ def plot_tradeoff(rows, path, scale_note):
             ax.annotate(row["method"], (row["simulated_gpu_mb"], row["auc_roc_macro_mean"]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel(f"GPU memory of one training step, MiB ({scale_note.split(': ', 1)[1]})", fontsize=8)
         ax.set_ylabel("test macro AUROC (mean ± std over seeds)")
         ax.set_title(dataset)
