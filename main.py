@@ -38,9 +38,9 @@ log = logging.getLogger("adagrad_fusion.main")
 # ---- the experiment (defaults of the reported runs) ----
 zo_config = "htuning"                # a method (htuning | lora_bp | ft | zo | zo_sign | probe), or search | compare
 finetune_dataset = list(DATASETS)    # G12EC, PTB-XL, Ningbo, Chapman-Shaoxing
-config = "medium"                    # teacher backbone
+config = "medium"                    # teacher backbone (pipeline_pretrain.py: the backbone it pretrains)
 student_config = "tinylight"
-seed = [18]                          # several: run each in turn, then summarise mean ± std
+seed = [18]                          # main.py: several run in turn, then mean ± std; other scripts take one
 # ---- the step ----
 r = 16                               # LoRA rank
 bp_batch = 8                         # samples of H-Tuning's first-order pass
@@ -434,7 +434,7 @@ def run_search(args, h5_paths, device):
     """The hyper-parameter grid for the H-Tuning teacher. It continues the search of the same other
     settings (a grown grid included) from the JSON it saves after every point."""
     settings = {k: v for k, v in vars(args).items() if k not in SEARCH_GRID}
-    path, _ = open_run(args.result_dir, f"search_{args.config}_seed{args.seed}", settings, resume=True)
+    path, _ = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), settings, resume=True)
     teacher_cfg, _ = configs_of(args, path.stem, method="htuning")
     results = load_results(path)
     done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}

@@ -21,7 +21,7 @@ Design (temporal convolutions only, no attention):
 - The two heads, the gating and the merge are those of every family (`TwoHeadNet`).
 
 The stem's second conv was first a depthwise 1x9 conv followed by a pointwise one, at the same
-latency; the full conv distilled into better students in 8 of 9 paired runs (the README has them).
+latency; the full conv distilled into better students in 8 of 9 paired runs (docs/lbitmix.md has them).
 
 LoRA adapts every layer that mixes channels: both stem convs, each block's expand and project, and
 the heads' first layers (classifier.0, auxiliary_classifier.0). Depthwise convs stay plain: their
