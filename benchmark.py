@@ -497,7 +497,7 @@ def inference_section(args):
     return results
 
 
-STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "ft", "zo", "floor")
+STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "ft", "zo", "hizoo", "sparse_mezo", "fzoo", "floor")
 STEP_NUM_CLASS = 16
 STEP_ROUNDS = 2  # every method measured once per round, rounds in opposite orders, fastest time kept
 # On CPU each method runs on one intra-op thread: a multi-threaded OpenMP region waits for its
@@ -632,7 +632,7 @@ def step_section(args):
     return results
 
 
-MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign")
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe")
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
 
@@ -697,7 +697,7 @@ def memory_section(args):
              config, student, batch, bp_batch, num_class)
     results = {m: memory_figures(m, config, student, batch, bp_batch, num_class) for m in methods}
     ft = results["ft"]["peak_mb"]
-    for method in ("lora_bp", "htuning", "zo", "zo_sign"):
+    for method in (m for m in MEMORY_STEP_METHODS if m != "ft"):
         results[method]["ft_over_this"] = ft / results[method]["peak_mb"]
     for size in ("b1", "bB"):
         results[f"infer_student_{size}"]["teacher_over_this"] = (results[f"infer_teacher_{size}"]["peak_mb"]

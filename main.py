@@ -50,6 +50,11 @@ aux_weight = 1.0
 coef = None                          # H-Tuning's c; None: 0.99 for the first 20% of iterations, then 0.9
 perturbation_mode = "gaussian"       # z ~ N(0, 1), or rademacher (±1)
 gradient_sparsity = None             # fraction of z zeroed (a seeded mask, the same in every use of z)
+zo_estimator = "two_point"           # H-Tuning's ZO estimate: two_point, or that of hizoo, sparse_mezo or fzoo
+hizoo_smoothing = 1e-6               # HiZOO: weight of each step's Hessian estimate in its moving average
+sparse_mezo_sparsity = 0.75          # Sparse MeZO: fraction of each ZO tensor, its largest |w|, left unperturbed
+sparse_mezo_interval = 1             # Sparse MeZO: steps between recomputing the magnitude mask
+fzoo_directions = 8                  # FZOO: one-sided Rademacher estimates per step (their spread sets the step)
 # ---- the schedule ----
 batch_size = 128
 lr = None                            # teacher; None: ft_lr for ft, else 0.0025 when batch_size > 64, else 0.001
@@ -76,7 +81,7 @@ pretrain_patience = 5                # epochs without a validation mAP gain
 search_zo_eps = [1e-3, 5e-4, 2e-4, 1e-4]
 search_bp_batch = [2, 4, 8]
 search_r = [4, 8, 16]
-compare_methods = ["ft", "lora_bp", "htuning", "zo", "zo_sign", "probe"]
+compare_methods = ["ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe"]
 # ---- where files are, and how a run goes ----
 data_root = REPO_ROOT / "OriginalData"          # one sub-folder per Challenge dataset
 code15_dir = None                               # CODE-15 as downloaded (exams.csv + exams_part*.hdf5)
@@ -111,7 +116,8 @@ STAGES = ("both", "teacher", "student")
 # ---------------------------------------------------------------------------------------------
 EXPERIMENT_FLAGS = (
     "zo_config", "finetune_dataset", "config", "student_config", "seed", "r", "bp_batch", "zo_eps", "q",
-    "aux_weight", "coef", "perturbation_mode", "gradient_sparsity", "batch_size", "lr", "ft_lr", "student_lr",
+    "aux_weight", "coef", "perturbation_mode", "gradient_sparsity", "zo_estimator", "hizoo_smoothing",
+    "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "batch_size", "lr", "ft_lr", "student_lr",
     "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "patience",
     "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
     "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
@@ -149,13 +155,17 @@ def method_name(text):
 
 def flag_spec(name):
     """argparse keywords of the flag `--name`: type, the values it accepts, and its help."""
+    from Half_Trainer import ESTIMATORS
+
     datasets = [*DATASETS, DEMO_DATASET]
     at_least = {"r": 0, "bp_batch": 1, "q": 1, "batch_size": 1, "finetune_epoch": 1, "interval": 1, "patience": 1,
                 "pretrain_epochs": 1, "pretrain_batch_size": 1, "pretrain_patience": 1, "workers": 0,
-                "convert_workers": 1}
+                "convert_workers": 1, "sparse_mezo_interval": 1, "fzoo_directions": 2}
     number_in = {"zo_eps": float_in(0), "aux_weight": float_in(0, low_closed=True),
                  "coef": float_in(0, 1, low_closed=True, high_closed=True),
-                 "gradient_sparsity": float_in(0, 1, low_closed=True), "lr": float_in(0), "ft_lr": float_in(0),
+                 "gradient_sparsity": float_in(0, 1, low_closed=True),
+                 "hizoo_smoothing": float_in(0, 1, low_closed=True, high_closed=True),
+                 "sparse_mezo_sparsity": float_in(0, 1, low_closed=True), "lr": float_in(0), "ft_lr": float_in(0),
                  "student_lr": float_in(0), "weight_decay": float_in(0, low_closed=True),
                  "warmup_fraction": float_in(0, 1, low_closed=True), "finetune_label_ratio": float_in(0, 1),
                  "pretrain_lr": float_in(0), "code15_valid_fraction": float_in(0, 1)}
@@ -167,6 +177,7 @@ def flag_spec(name):
         "student_config": dict(choices=list(MODEL_CONFIGS)),
         "seed": dict(nargs="+", type=int_at_least(0)),
         "perturbation_mode": dict(choices=PERTURBATIONS),
+        "zo_estimator": dict(choices=ESTIMATORS),
         "leads_for_student": dict(type=int, choices=sorted(KEPT_LEADS, reverse=True)),
         "distill": dict(action=argparse.BooleanOptionalAction),
         "pretrained": dict(action=argparse.BooleanOptionalAction),

@@ -43,7 +43,8 @@ def run_main(tiny_demo, checkpoint_dir, result_dir, *flags):
 
 
 @pytest.mark.parametrize("mode, method", [("evolution", "htuning"), ("FT", "ft"), ("lora_bp", "lora_bp"),
-                                          ("zo", "zo"), ("zo_sign", "zo_sign"), ("probe", "probe")])
+                                          ("zo", "zo"), ("zo_sign", "zo_sign"), ("hizoo", "hizoo"),
+                                          ("sparse_mezo", "sparse_mezo"), ("fzoo", "fzoo"), ("probe", "probe")])
 def test_each_mode_runs_end_to_end(mode, method, tiny_demo, backbones, tmp_path, capsys):
     results = run_main(tiny_demo, backbones, tmp_path, "--zo_config", mode)
     files = sorted(tmp_path.glob("*.npy"))
