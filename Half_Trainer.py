@@ -110,6 +110,7 @@ class StepConfig:
     def uses_zo(self):
         return self.estimator is not None
 
+
 def compute_loss(aux, main, labels, aux_weight, soft_targets=None):
     """BCE on the main head + aux_weight · BCE of the aux head on "any label" (+ BCE to soft targets)."""
     loss = F.binary_cross_entropy_with_logits(main, labels)

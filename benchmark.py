@@ -560,9 +560,11 @@ def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MOD
     from Half_Trainer import METHODS
     from simulated_memory import training_setup
 
+    method, _, estimator = method.partition(":")   # htuning:hizoo is H-Tuning with HiZOO's estimate
     if method not in (*METHODS, "htuning_naive", "floor"):
         raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
-    step_cfg = main.step_config(zo_config=method if method in METHODS else "htuning", bp_batch=bp_batch)
+    step_cfg = main.step_config(zo_config=method if method in METHODS else "htuning", bp_batch=bp_batch,
+                                zo_estimator=estimator or main.zo_estimator)
     parts = training_setup(step_cfg, device, config, batch, num_class, LORA_RANK, main.weight_decay, samples)
     model, x, y = parts.model, parts.x, parts.y
     if method == "htuning_naive":
@@ -599,8 +601,9 @@ def _step_method_figures(method, device, config, batch, bp_batch, num_class, rep
 @section("step")
 def step_section(args):
     """Time per step and peak memory: fused H-Tuning vs the published-style naive step, LoRA
-    backprop, full fine-tuning, pure ZO, and the floor (two inference forwards on the batch plus
-    one training step on bp_batch samples). Every method runs in its own process, once per round;
+    backprop, full fine-tuning, the ZO steps of STEP_METHODS, and the floor (two inference
+    forwards on the batch plus one training step on bp_batch samples). Every method runs in its
+    own process, once per round;
     the rounds go in opposite orders and each method keeps its fastest time and largest peak, so
     a burst of load from elsewhere on a shared machine does not decide a ratio."""
     from helper_code import get_device
@@ -632,7 +635,8 @@ def step_section(args):
     return results
 
 
-MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe")
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
+                       "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
 
@@ -678,7 +682,8 @@ def _gpu_memory_figures(method, device, config, student_config, batch, bp_batch,
 @section("memory")
 def memory_section(args):
     """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
-    full fine-tuning, LoRA backprop, H-Tuning, ZO and ZO-sign, and of inference by the teacher
+    every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate, `htuning:NAME`),
+    and of inference by the teacher
     (--config) and the student (--student-config) on one record and on the batch. The project's
     own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated. On a
     GPU, each method is also run for real in its own process, and the measured peak is set

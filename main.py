@@ -2,7 +2,7 @@
 
     python main.py                                  # H-Tuning teacher + distilled student on the 4 datasets
     python main.py --r 8 --seed 3 --finetune_dataset WFDB_PTBXL
-    python main.py --zo_config ft | lora_bp | zo | zo_sign | probe | search | compare
+    python main.py --zo_config ft | lora_bp | zo | zo_sign | hizoo | sparse_mezo | fzoo | probe | search | compare
     python main.py --seed 18 19 20                  # each seed in turn, then mean ± std over the seeds
     python main.py --demo                           # synthetic data, small backbones, minutes on a CPU
     python main.py ... --resume                     # continue the latest unfinished run of these settings
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import report
 from ecg_dataset import find_dataset_h5, load_experiment_datasets
-from Half_Trainer import ALIASES, METHODS, PERTURBATIONS, StepConfig
+from Half_Trainer import ALIASES, ESTIMATORS, METHODS, PERTURBATIONS, StepConfig
 from helper_code import (CHALLENGE_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT,
                          FlagParser, float_in, get_device, int_at_least, setup_logging)
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
@@ -36,7 +36,7 @@ from runs import load_results, open_run, save_results, write_manifest
 log = logging.getLogger("adagrad_fusion.main")
 
 # ---- the experiment (defaults of the reported runs) ----
-zo_config = "htuning"                # a method (htuning | lora_bp | ft | zo | zo_sign | probe), or search | compare
+zo_config = "htuning"                # a method (Half_Trainer.METHODS), or search | compare
 finetune_dataset = list(DATASETS)    # G12EC, PTB-XL, Ningbo, Chapman-Shaoxing
 config = "medium"                    # teacher backbone (pipeline_pretrain.py: the backbone it pretrains)
 student_config = "tinylight"
@@ -155,8 +155,6 @@ def method_name(text):
 
 def flag_spec(name):
     """argparse keywords of the flag `--name`: type, the values it accepts, and its help."""
-    from Half_Trainer import ESTIMATORS
-
     datasets = [*DATASETS, DEMO_DATASET]
     at_least = {"r": 0, "bp_batch": 1, "q": 1, "batch_size": 1, "finetune_epoch": 1, "interval": 1, "patience": 1,
                 "pretrain_epochs": 1, "pretrain_batch_size": 1, "pretrain_patience": 1, "workers": 0,
@@ -253,7 +251,20 @@ def settings_from(parser, argv):
                      f"got {max(args.search_bp_batch)}")
     if "teacher" in settings:
         check_stage_flags(parser, args)
+    if "zo_estimator" in settings:
+        check_step_flags(parser, args)
     return args
+
+
+def check_step_flags(parser, args):
+    """The step's settings together, as StepConfig checks them, but up front and in one line."""
+    methods = args.compare_methods if args.zo_config == "compare" and "compare_methods" in vars(args) else [
+        "htuning" if args.zo_config == "search" else args.zo_config]
+    for method in methods:
+        try:
+            step_config(**{**vars(args), "zo_config": method})
+        except ValueError as error:
+            parser.error(f"argument --zo_config {method}: {error}")
 
 
 def check_stage_flags(parser, args):

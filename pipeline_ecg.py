@@ -11,7 +11,7 @@
 The flags, their defaults (the constants at the top of main.py) and the result files are main.py's.
 
 What varies between runs is only (a) the step, which HalfTrainer.step picks by the method
-(H-Tuning, MeZO, ZO-sign, backprop, a linear probe), (b) which parameters train (the LoRA set,
+(H-Tuning, the zeroth-order steps, backprop, a linear probe), (b) which parameters train (the LoRA set,
 everything, or the heads), and (c) whether a frozen teacher supplies soft targets. The loop around
 it is shared: CutMix-ed batches, validation every `interval`, early stopping on 1/mAP, the best
 state kept, reload, merge, thresholds on validation, test metrics. runs.py names its files and
