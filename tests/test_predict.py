@@ -366,6 +366,16 @@ def test_flags_are_checked_up_front(trained, tmp_path, capsys, argv, message):
 # ---------------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------------
+def test_export_without_the_onnx_packages_says_how_to_install_them(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(predict, "missing_onnx_packages", lambda packages=predict.ONNX_PACKAGES: ["onnxscript"])
+    with pytest.raises(SystemExit) as stop:
+        run_predict("--model", trained.student, "--export", tmp_path / "student.onnx")
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and error.startswith("predict.py: error: argument --export: needs the packages "
+                                                     "onnxscript (pip install")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def onnx_files(trained, tmp_path_factory):
     """The teacher and the 1-lead student exported by predict.py; a skip without the ONNX packages."""
