@@ -433,6 +433,8 @@ def metrics_section(args):
 
 
 INFERENCE_REPEATS = 20
+ONNX_REPEATS = 200      # the ONNX Runtime row and its eager twin: best of this many
+ONNX_RUNTIME = "onnxruntime"
 
 
 def _inference_figures(config, device, batch, repeats, threads):
@@ -463,6 +465,55 @@ def _inference_figures(config, device, batch, repeats, threads):
             "peak_mb": peak.peak_mb, "parameters": sum(p.numel() for p in net.parameters())}
 
 
+def _onnx_runtime_figures(config, batch, repeats):
+    """The same model as predict.py exports it (probabilities and labels), run by ONNX Runtime on one
+    CPU thread. Peak memory covers loading the file and the first run; latency as _inference_figures'."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from helper_code import LEADS, PeakMemory
+    from model_src_ecg import build_model
+    from predict import ONNX_INPUT, Model, export_onnx
+
+    torch.manual_seed(0)
+    net = build_model(config, MODEL_NUM_CLASS).eval()
+    classes = [str(i) for i in range(MODEL_NUM_CLASS)]
+    model = Model(net, config, classes, classes, np.full(MODEL_NUM_CLASS, 0.5), LEADS, None)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / f"{config}.onnx")
+        x = {ONNX_INPUT: np.random.default_rng(0).standard_normal((batch, 12, 1, MODEL_SAMPLES), dtype=np.float32)}
+        with PeakMemory("cpu") as peak:
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session.run(None, x)
+    times, _ = _timed_calls(lambda i: session.run(None, x), repeats)
+    return {"ms_per_record": 1000 * statistics.median(times) / batch, "best_ms_per_record": 1000 * min(times) / batch,
+            "peak_mb": peak.peak_mb, "parameters": sum(p.numel() for p in net.parameters())}
+
+
+def _onnx_runtime_rows(student, batch, repeats):
+    """The student under ONNX Runtime beside eager PyTorch, both on one CPU thread, each the best of
+    `repeats`; {} (with the reason logged) where the ONNX packages are missing."""
+    from predict import ONNX_PACKAGES, missing_onnx_packages
+
+    missing = missing_onnx_packages((*ONNX_PACKAGES, ONNX_RUNTIME))
+    if missing:
+        log.warning("inference: no ONNX Runtime row: %s not installed (pip install -r requirements.txt)",
+                    ", ".join(missing))
+        return {}
+    figures = _measure_in_fresh_processes("inference", [student, f"{student}_{ONNX_RUNTIME}"],
+                                          ["--device", "cpu", "--batch", str(batch), "--repeats", str(repeats),
+                                           "--threads", "1"])
+    eager, runtime = figures[student], figures[f"{student}_{ONNX_RUNTIME}"]
+    runtime["speedup_vs_eager"] = eager["best_ms_per_record"] / runtime["best_ms_per_record"]
+    return {"student eager, 1 thread": eager, "student ONNX Runtime, 1 thread": runtime}
+
+
 @section("inference")
 def inference_section(args):
     """Fine-tuned teacher vs distilled student(s) at inference: latency per record and peak memory.
@@ -471,13 +522,18 @@ def inference_section(args):
     configs named by --student-config (several compare side by side; each later one is also
     timed against the first, `best_vs_first_student`). Each model runs in its own subprocess so
     one's freed memory cannot hide another's peak. Default batch 1 (one record at a time, as
-    deployed); --threads 1 times one CPU thread.
+    deployed); --threads 1 times one CPU thread. Then the first student as predict.py exports it,
+    under ONNX Runtime, beside eager PyTorch: on the CPU, one thread each, the best of ONNX_REPEATS
+    (--repeats to change), `speedup_vs_eager` comparing the best times.
     """
     from helper_code import get_device
 
     device = get_device(args.device)
     batch, repeats = args.batch or 1, args.repeats or INFERENCE_REPEATS
     if args.method:
+        config, _, runtime = args.method.partition("_")
+        if runtime == ONNX_RUNTIME:
+            return {args.method: _onnx_runtime_figures(config, batch, repeats)}
         return {args.method: _inference_figures(args.method, device, batch, repeats, args.threads)}
     students = args.student_config or ["tinylight"]
     configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base")}
@@ -494,6 +550,7 @@ def inference_section(args):
         student["latency_ratio"] = teacher["ms_per_record"] / student["ms_per_record"]
         student["memory_ratio"] = teacher["peak_mb"] / student["peak_mb"] if student["peak_mb"] > 0 else float("nan")
         student["best_vs_first_student"] = student["best_ms_per_record"] / first["best_ms_per_record"]
+    results.update(_onnx_runtime_rows(students[0], batch, args.repeats or ONNX_REPEATS))
     return results
 
 

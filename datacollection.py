@@ -37,7 +37,7 @@ FILTER_B, FILTER_A = butter(FILTER_ORDER, BAND_HZ, btype="bandpass", fs=FS)
 MIN_SAMPLES = 3 * max(len(FILTER_A), len(FILTER_B)) + 1   # filtfilt's edge padding needs this many
 CHUNK = 32                    # records per unit of work; bounds memory (~10 MB of float32 per chunk)
 
-CODE15_LABELS = ("1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")
+CODE15_LABELS = ("1dAVb", "RBBB", "LBBB", "SB", "ST", "AF")   # exams.csv's order, as the published heads' outputs
 CODE15_FS = 400
 CODE15_SAMPLES = 4096         # 10 s at 400 Hz, zero-padded symmetrically from 4000 in the real files
 
@@ -136,11 +136,17 @@ def check_mat_header(mat_path, n_sig, sig_len):
                                                f"of {expected} bytes)")
 
 
-def read_challenge_record(header_path):
-    """(Dx codes, physical signal (12, n) float64, fs) of one record, or RecordSkipped.
+def read_challenge_record(header_path, require_dx=True, leads=LEADS):
+    """(Dx codes, physical signal (12, n) float64 with rows in LEADS order, fs) of one record, or RecordSkipped.
 
     wfdb parses the header and reads the .mat (format 16 at byte offset 24, the MATLAB v4 data);
     its physical values are (adc - baseline) / gain per lead, NaN at WFDB's invalid-sample value.
+    A 12-signal record is taken in its stored order (every Challenge record's: LEADS).
+
+    For prediction: `leads`, the leads a model reads, lets a header of fewer signals through when
+    it names each of them (a reduced-lead record; names matched ignoring case): every signal named
+    as one of LEADS goes to its row, the rows of absent leads stay zero (what lead masking makes
+    of them anyway). require_dx=False: a header without '# Dx:' codes gives [] (unlabelled records).
     """
     record_path = str(header_path.with_suffix(""))
     signal_error = None
@@ -153,24 +159,36 @@ def read_challenge_record(header_path):
         except Exception as header_error:
             raise RecordSkipped("unparseable header", f"{type(header_error).__name__}: {header_error}")
         signal_error = error
-    if record.n_sig != NUM_LEADS:
-        raise RecordSkipped("not 12 leads", f"{record.n_sig} signals")
+    if record.n_sig == NUM_LEADS:
+        rows = list(range(NUM_LEADS))
+    else:
+        row_of = {lead.lower(): row for row, lead in enumerate(LEADS)}
+        rows = [row_of.get(name.lower()) for name in record.sig_name or []]
+        missing = [lead for lead in leads if LEADS.index(lead) not in rows]
+        if record.n_sig > NUM_LEADS or missing:
+            signals = f"{record.n_sig} signals ({', '.join(record.sig_name or [])})"
+            if len(leads) < NUM_LEADS:
+                signals += f"; the model reads {', '.join(leads)}, missing {', '.join(missing)}"
+            raise RecordSkipped("not 12 leads", signals)
     if not record.sig_len:
         raise RecordSkipped("zero length")
     codes = dx_codes(record.comments or [])
-    if not codes:
+    if not codes and require_dx:
         raise RecordSkipped("unparseable header", "no '# Dx:' codes")
     if signal_error is not None:
         raise RecordSkipped("unreadable .mat", f"{type(signal_error).__name__}: {signal_error}")
     check_mat_header(header_path.with_suffix(".mat"), record.n_sig, record.sig_len)
-    physical = record.p_signal.T
-    if physical.shape != (NUM_LEADS, record.sig_len):
-        raise RecordSkipped("unreadable .mat", f"read {physical.shape}, header says {(NUM_LEADS, record.sig_len)}")
+    stored = record.p_signal.T
+    if stored.shape != (record.n_sig, record.sig_len):
+        raise RecordSkipped("unreadable .mat", f"read {stored.shape}, header says {(record.n_sig, record.sig_len)}")
+    physical = np.zeros((NUM_LEADS, record.sig_len))
+    standard = [i for i, row in enumerate(rows) if row is not None]
+    physical[[rows[i] for i in standard]] = stored[standard]
     if not np.isfinite(physical).all():
         raise RecordSkipped("non-finite samples", f"{int((~np.isfinite(physical)).sum())} NaN/inf values")
     if round(physical.shape[1] * FS / record.fs) < MIN_SAMPLES:
         raise RecordSkipped("too short", f"{record.sig_len} samples at {record.fs} Hz")
-    return codes, physical, float(record.fs)
+    return codes or [], physical, float(record.fs)
 
 
 def find_records(dataset_dir):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import evaluation
 from Half_Trainer import METHODS, HalfTrainer, StepConfig
-from helper_code import NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything
+from helper_code import LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything
 from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, load_adapter_state,
                            load_pretrained, mark_trainable, mask_leads)
 from runs import Progress, Stage, random_states, restore_random_states
@@ -371,16 +371,44 @@ def load_merged(path, device):
     if not path.is_file():
         raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
                                 f"checkpoint_dir)")
-    return model_from_file(torch.load(path, map_location="cpu", weights_only=True), device)
+    return model_from_file(torch.load(path, map_location="cpu", weights_only=True), device, path)
 
 
-def model_from_file(saved, device):
+def model_from_file(saved, device, path="a merged model file"):
     """(result, merged net in eval mode, model description) from the dict a finished stage wrote."""
-    model = saved["model"]
+    result = _result_from_tensors(saved["result"])
+    model = completed_description(saved["model"], result, path)
     net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
     net.load_state_dict(model["state_dict"])
     net.requires_grad_(False)
-    return _result_from_tensors(saved["result"]), net.to(device).eval(), model
+    return result, net.to(device).eval(), model
+
+
+def completed_description(model, result, path):
+    """The model description of a merged file; one written before the files described themselves
+    lacks class names, thresholds, leads and preprocessing: they are filled in, from its result
+    where it recorded them, and a warning says what was assumed."""
+    model, assumed = dict(model), []
+    if "class_names" not in model:
+        model["class_names"] = [LABEL_ABBREVIATION.get(str(code), str(code)) for code in model["class_codes"]]
+        assumed.append("class_names (the codes' abbreviations)")
+    if "thresholds" not in model:
+        recorded = "thresholds" in result
+        thresholds = result["thresholds"] if recorded else np.full(model["num_class"], evaluation.DEFAULT_THRESHOLD)
+        model["thresholds"] = torch.from_numpy(np.asarray(thresholds, np.float64))
+        assumed.append("thresholds (its test result's, chosen on validation)" if recorded
+                       else f"thresholds ({evaluation.DEFAULT_THRESHOLD} for every class)")
+    if "leads" not in model:
+        model["leads"] = list(KEPT_LEADS[int(result.get("leads", NUM_LEADS))])
+        source = "the lead count in its result" if "leads" in result else "all 12"
+        assumed.append(f"leads ({', '.join(model['leads'])}: {source})")
+    if "preprocessing" not in model:
+        from datacollection import PREPROCESSING  # the converter's, only for a file that does not say
+        model["preprocessing"] = dict(PREPROCESSING)
+        assumed.append("preprocessing (the converter's: datacollection.PREPROCESSING)")
+    if assumed:
+        log.warning("%s was written before merged files described themselves; assumed: %s", path, "; ".join(assumed))
+    return model
 
 
 def challenge_score(labels, predictions, class_codes):
