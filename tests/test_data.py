@@ -454,3 +454,13 @@ def test_demo_classes_are_physiologically_separable(tiny_demo):
     aucs = [roc_auc_score(labels[test, c], LogisticRegression(max_iter=2000).fit(features[train], labels[train, c])
                           .decision_function(features[test])) for c in range(labels.shape[1])]
     assert np.mean(aucs) > 0.85, aucs
+
+
+def test_a_flat_lead_becomes_zeros_whatever_its_constant():
+    """A lead at a constant (0, or an offset such as 0.7 mV) has nothing to standardise: zeros, not
+    the filter's 1e-16 residue blown up to unit variance."""
+    signals = np.random.default_rng(0).normal(size=(2, 12, 5000))
+    signals[0, 3], signals[1, 5] = 0.7, 0.0
+    out = dc.preprocess(signals, dc.FS)
+    assert not out[0, 3].any() and not out[1, 5].any()
+    assert abs(float(out[0, 0].std()) - 1) < 0.2 and np.isfinite(out).all()
