@@ -489,9 +489,9 @@ def _onnx_runtime_figures(config, batch, repeats):
         path = export_onnx(model, Path(tmp) / f"{config}.onnx")
         x = {ONNX_INPUT: np.random.default_rng(0).standard_normal((batch, 12, 1, MODEL_SAMPLES), dtype=np.float32)}
         with PeakMemory("cpu") as peak:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            session.run(None, x)
-    times, _ = _timed_calls(lambda i: session.run(None, x), repeats)
+            runner = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            runner.run(None, x)
+    times, _ = _timed_calls(lambda i: runner.run(None, x), repeats)
     return {"ms_per_record": 1000 * statistics.median(times) / batch, "best_ms_per_record": 1000 * min(times) / batch,
             "peak_mb": peak.peak_mb, "parameters": sum(p.numel() for p in net.parameters())}
 

@@ -101,8 +101,9 @@ stage = "both"                       # both | teacher | student
 teacher = None                       # a finished teacher (merged_*_teacher.pt) to distil from, with --stage student
 
 # ---- the demo: synthetic data under demo_dir, small backbones pretrained on its CODE-15 part ----
+# Label ratio 0.2 of the 1,600 demo records: about 256 to train on, 64 to validate, 1,280 to test.
 DEMO_SETTINGS = dict(config="tiny", finetune_dataset=[DEMO_DATASET], batch_size=32, finetune_epoch=30,
-                     finetune_label_ratio=0.1, interval=8, patience=4, lr=0.004, student_lr=0.002,
+                     finetune_label_ratio=0.2, interval=8, patience=4, lr=0.004, student_lr=0.002,
                      pretrain_epochs=1, pretrain_batch_size=32, pretrain_lr=0.002, pretrain_patience=1)
 
 RUN_MODES = ("search", "compare")

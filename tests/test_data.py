@@ -16,7 +16,6 @@ import scipy.io
 import torch
 import wfdb
 from scipy.signal import butter, find_peaks, resample_poly, sosfiltfilt
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 import datacollection as dc
@@ -59,7 +58,7 @@ def parse_header(path):
 
 def write_good_records(folder, names, seed=0, codes=("426783006",)):
     rng = np.random.default_rng(seed)
-    signals = synth.synthesize_ecg(*synth.sample_conditions(len(names), rng), 500, 5000, rng)
+    signals = synth.synthesize_ecg(synth.sample_conditions(len(names), rng), 500, 5000, rng)
     for name, signal in zip(names, signals):
         synth.write_challenge_record(folder, name, signal, 500, list(codes), np.full(12, 1000.0),
                                   rng.integers(-20, 20, 12), 60, "Female")
@@ -197,7 +196,7 @@ def test_other_sampling_rates_are_resampled_to_500_hz(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(5)
     for name, fs in (("at250", 250), ("at1000", 1000), ("at500", 500)):
-        signal = synth.synthesize_ecg(*synth.sample_conditions(1, rng), fs, 10 * fs, rng)[0]
+        signal = synth.synthesize_ecg(synth.sample_conditions(1, rng), fs, 10 * fs, rng)[0]
         synth.write_challenge_record(folder, name, signal, fs, ["426783006"], np.full(12, 500.0), np.zeros(12, int), 40, "Male")
     out = dc.convert_challenge(folder, tmp_path / "out", DEMO_DATASET)
     with h5py.File(out) as f:
@@ -406,10 +405,19 @@ def test_ecgh5dataset_is_lazy_and_per_process(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Demo
 # ---------------------------------------------------------------------------------------------
+DEMO_CODE = {LABEL_ABBREVIATION[code]: code for code in DEMO_CLASSES}
+CODE15_CODES = ("270492004", "59118001", "164909002", "426177001", "427084000", "164889003")  # 1dAVb RBBB LBBB SB ST AF
+QRS_HIGHPASS = butter(2, 8, btype="highpass", fs=500, output="sos")  # keeps the QRS, drops P and T waves
+R = 125   # samples before the R peak in a median beat (0.25 s at 500 Hz)
+
+
 def test_demo_formats_and_layout(tiny_demo):
     raw = tiny_demo["raw_dir"]
-    assert tiny_demo["challenge_h5"] == raw.parent / "Preprocessed_dataset" / h5_name(DEMO_DATASET, 7)
-    assert ds.find_dataset_h5(raw.parent / "Preprocessed_dataset", DEMO_DATASET) == tiny_demo["challenge_h5"]
+    demo_root = raw.parent
+    out = demo_root / "Preprocessed_dataset"
+    assert tiny_demo["challenge_h5"] == out / h5_name(DEMO_DATASET, len(DEMO_CLASSES))
+    assert ds.find_dataset_h5(out, DEMO_DATASET) == tiny_demo["challenge_h5"]
+    assert not list(demo_root.glob(".demo-staging-*"))
     header = raw / DEMO_DATASET / "D00000.hea"
     fs, gains, baselines, codes = parse_header(header)
     adc = scipy.io.loadmat(header.with_suffix(".mat"))["val"]
@@ -417,43 +425,257 @@ def test_demo_formats_and_layout(tiny_demo):
     record = wfdb.rdrecord(str(header.with_suffix("")))
     np.testing.assert_allclose(record.p_signal.T, (adc - baselines[:, None]) / gains[:, None], atol=1e-12)
     assert set(codes) <= set(DEMO_CLASSES)
+    # The CODE-15 part carries CODE-15's six labels and no other, as the real exams.csv does.
     exams = pd.read_csv(raw / "CODE15" / "exams.csv")
-    assert {"exam_id", "patient_id", "trace_file", "normal_ecg", *dc.CODE15_LABELS} <= set(exams.columns)
+    assert set(exams.columns) == {"exam_id", "age", "is_male", *dc.CODE15_LABELS, "patient_id", "normal_ecg",
+                                  "trace_file"}
     with h5py.File(raw / "CODE15" / "exams_part0.hdf5") as part:
         assert part["tracings"].shape[1:] == (4096, 12) and part["exam_id"].shape == part["tracings"].shape[:1]
     with h5py.File(tiny_demo["challenge_h5"]) as f:
         assert f["record_set"].shape == (200, 12, 1, 6144)
-        assert (f["label_set"][:].sum(0) >= 10).all()
+        assert (f["label_set"][:].sum(0) >= 5).all()
+        assert f.attrs["source_dir"] == str(raw / DEMO_DATASET)
     for key in ("code15_train", "code15_valid"):
         with h5py.File(tiny_demo[key]) as f:
-            assert f["label_set"].shape[1] == 6 and len(f["record_set"]) > 0
+            assert list(f.attrs["class_codes"]) == list(dc.CODE15_LABELS) and len(f["record_set"]) > 0
 
 
-def beat_intervals(record):
-    """RR intervals (s) from peaks of the QRS energy (squared slope summed over leads)."""
-    energy = (np.diff(record[:, 0, :5000], axis=-1) ** 2).sum(0)
-    peaks, _ = find_peaks(energy, height=0.3 * np.percentile(energy, 99.5), distance=125)
-    return np.diff(peaks) / 500
+def test_demo_classes_reach_beyond_code15():
+    scored = [code for code, *_ in SCORED_LABELS]
+    assert list(DEMO_CLASSES) == sorted(DEMO_CLASSES, key=scored.index)   # scored codes, in the table's order
+    assert set(CODE15_CODES) | {"426783006"} <= set(DEMO_CLASSES)     # sinus rhythm: the score's baseline
+    assert len(DEMO_CLASSES) >= 12 and len(set(DEMO_CLASSES) - set(CODE15_CODES) - {"426783006"}) >= 6
 
 
-def test_demo_classes_are_physiologically_separable(tiny_demo):
+def test_demo_prevalences_and_co_occurrence():
+    labels = synth.demo_labels(synth.sample_conditions(20000, np.random.default_rng(1)))
+    prevalence = dict(zip([LABEL_ABBREVIATION[c] for c in DEMO_CLASSES], labels.mean(0)))
+    assert all(0.05 < p < 0.46 for p in prevalence.values()), prevalence
+    assert min(prevalence.values()) < 0.08 and max(prevalence.values()) > 0.35
+    rhythm = labels[:, [DEMO_CLASSES.index(DEMO_CODE[name]) for name in ("NSR", "SB", "STach", "AF", "PR")]]
+    assert (rhythm.sum(1) == 1).all()                                  # one rhythm per record
+    assert 0.4 < (labels.sum(1) >= 2).mean() < 0.9                     # most but not all have more
+
+    def both(a, b):
+        return (labels[:, DEMO_CLASSES.index(DEMO_CODE[a])] & labels[:, DEMO_CLASSES.index(DEMO_CODE[b])]).mean()
+    assert both("LAD", "LBBB") > 0.005 and both("LQT", "TInv") > 0.005
+    assert both("AF", "PVC") > 0.01 and both("PR", "PVC") > 0.002
+    for rhythm_name in ("AF", "PR"):                                          # no sinus P wave to go early or
+        assert both(rhythm_name, "PAC") == both(rhythm_name, "IAVB") == 0    # go early or conduct slowly
+    for paced_away in ("LBBB", "RBBB", "LAD", "RAD", "TInv", "QAb"):          # the pacemaker sets the QRS and T
+        assert both("PR", paced_away) == 0
+    assert both("LBBB", "TInv") == both("RBBB", "TInv") == 0                  # primary TInv only without BBB
+    assert both("LBBB", "QAb") == 0 and both("RBBB", "QAb") > 0.005           # LBBB hides Q waves
+
+
+def crafted(n, **changes):
+    """Conditions of n sinus records at a normal rate with nothing else, but for `changes`."""
+    none = np.zeros(n, bool)
+    fields = dict(rhythm=np.zeros(n, int), iavb=none, bbb=np.zeros(n, int), axis=np.zeros(n, int), pac=none,
+                  pvc=none, t_inversion=none, long_qt=none, low_voltage=none, q_waves=none)
+    fields.update({name: np.full(n, value) for name, value in changes.items()})
+    return synth.Conditions(**fields)
+
+
+def synthesized(seed, n=40, **changes):
+    """(physical mV, band-passed mV as the converter filters it) of n crafted 10-s records at 500 Hz."""
+    ecg = synth.synthesize_ecg(crafted(n, **changes), 500, 5000, np.random.default_rng(seed)).astype(np.float64)
+    return ecg, sosfiltfilt(butter(3, [1, 47], btype="bandpass", fs=500, output="sos"), ecg, axis=-1)
+
+
+def magnitude(record):
+    """Spatial magnitude over the 12 leads, smoothed over 20 ms."""
+    return np.convolve(np.sqrt((record ** 2).sum(0)), np.ones(10) / 10, mode="same")
+
+
+def qrs_peaks(record):
+    """R peaks (samples) of one band-passed (12, n) record: peaks of the QRS-band spatial magnitude."""
+    energy = magnitude(sosfiltfilt(QRS_HIGHPASS, record, axis=-1))
+    peaks, _ = find_peaks(energy, height=0.3 * np.percentile(energy, 99), distance=125)
+    return peaks
+
+
+def qrs_widths(record):
+    """Per beat: how long (s) the spatial magnitude stays above half its value at the R peak."""
+    above = magnitude(record)
+    widths = []
+    for peak in qrs_peaks(record):
+        half = above > 0.5 * above[peak]
+        left, right = peak, peak
+        while left > 0 and half[left - 1]:
+            left -= 1
+        while right < len(half) - 1 and half[right + 1]:
+            right += 1
+        widths.append((right - left + 1) / 500)
+    return np.array(widths)
+
+
+def rr_intervals(record):
+    return np.diff(qrs_peaks(record)) / 500
+
+
+def median_beat(record, after=350):
+    """(12, R + after): the median over beats, aligned on the R peak (sample R)."""
+    peaks = qrs_peaks(record)
+    peaks = peaks[(peaks >= R) & (peaks + after <= record.shape[-1])]
+    return np.median(np.stack([record[:, p - R:p + after] for p in peaks]), axis=0)
+
+
+def separation(positive, negative):
+    """AUROC of a feature between two groups of records."""
+    return roc_auc_score(np.r_[np.ones(len(positive)), np.zeros(len(negative))], np.r_[positive, negative])
+
+
+def test_demo_rhythm_classes(tiny_demo):
     with h5py.File(tiny_demo["challenge_h5"]) as f:
-        records, labels = f["record_set"][:], f["label_set"][:]
-    rr = [beat_intervals(record) for record in records]
+        records, labels = f["record_set"][:, :, 0, :5000].astype(np.float64), f["label_set"][:] > 0
+    rr = [rr_intervals(record) for record in records]
     heart_rate = np.array([60 / np.median(r) for r in rr])
-    rr_variation = np.array([np.std(r) / np.mean(r) for r in rr])
-    codes = list(DEMO_CLASSES)
-    nsr, sb, st, af = (labels[:, codes.index(c)] > 0 for c in ("426783006", "426177001", "427084000", "164889003"))
+    variation = np.array([np.std(r) / np.mean(r) for r in rr])
+    nsr, sb, st, af, pac, pvc, paced = (labels[:, DEMO_CLASSES.index(DEMO_CODE[name])]
+                                        for name in ("NSR", "SB", "STach", "AF", "PAC", "PVC", "PR"))
     assert 35 < np.median(heart_rate[sb]) < 55 < np.median(heart_rate[nsr]) < 100 < np.median(heart_rate[st]) < 155
-    assert np.median(rr_variation[af]) > 3 * np.median(rr_variation[~af])
-    # A linear model on crude model-free features already separates the classes.
-    spectra = [np.abs(np.fft.rfft(records[:, lead, 0, :5000], axis=-1))[:, 5:250:5] for lead in (1, 6)]
-    features = np.concatenate([np.log1p(np.concatenate(spectra, axis=1)), heart_rate[:, None] / 100,
-                               rr_variation[:, None]], axis=1)
-    train, test = slice(0, 130), slice(130, None)
-    aucs = [roc_auc_score(labels[test, c], LogisticRegression(max_iter=2000).fit(features[train], labels[train, c])
-                          .decision_function(features[test])) for c in range(labels.shape[1])]
-    assert np.mean(aucs) > 0.85, aucs
+    assert 58 < np.median(heart_rate[paced]) < 82
+    # AF is irregularly irregular; premature beats break an otherwise steady rhythm.
+    steady, ectopic = ~(af | pac | pvc), (pac | pvc) & ~af
+    assert np.median(variation[af]) > 5 * np.median(variation[steady])
+    assert np.median(variation[ectopic]) > 3 * np.median(variation[steady])
+
+
+def test_demo_premature_beats():
+    _, control = synthesized(0)
+    _, pac = synthesized(1, pac=True)
+    _, pvc = synthesized(2, pvc=True)
+
+    def earliest(record):
+        """(coupling: shortest RR / median RR, that beat's QRS width s, the RR before + after it / median RR)."""
+        rr = rr_intervals(record)
+        i = np.argmin(rr[:-1])
+        return rr[i] / np.median(rr), qrs_widths(record)[i + 1], (rr[i] + rr[i + 1]) / np.median(rr)
+    (c_coupling, c_width, _), (a_coupling, a_width, a_pause), (v_coupling, v_width, v_pause) = (
+        np.array([earliest(r) for r in group]).T for group in (control, pac, pvc))
+    assert separation(-a_coupling, -c_coupling) > 0.9 and separation(-v_coupling, -c_coupling) > 0.9   # early
+    assert separation(v_width, c_width) > 0.9 and separation(v_width, a_width) > 0.9                   # PVC wide
+    assert abs(np.median(a_width) - np.median(c_width)) < 0.01                                         # PAC narrow
+    assert abs(np.median(v_pause) - 2) < 0.1 and np.median(a_pause) < 1.9      # compensatory pause after PVCs only
+
+
+def test_demo_pacing_rhythm():
+    """A pacing spike (a one-sample jump) before every QRS, and a wide QRS, in paced records alone."""
+    (control_mv, control), (paced_mv, paced) = synthesized(8), synthesized(9, rhythm=synth.RHYTHMS.index("paced"))
+
+    def spiked_beats(physical, record):
+        jump = np.abs(np.diff(physical, n=2, axis=-1)).max(axis=0)
+        return np.mean([jump[max(peak - 60, 0):peak].max() > 0.5 for peak in qrs_peaks(record)])
+    assert np.mean([spiked_beats(*pair) for pair in zip(paced_mv, paced)]) > 0.95
+    assert max(spiked_beats(*pair) for pair in zip(control_mv, control)) == 0
+    assert separation([np.median(qrs_widths(r)) for r in paced], [np.median(qrs_widths(r)) for r in control]) > 0.95
+    rr = [rr_intervals(record) for record in paced]
+    assert np.median([np.std(r) / np.mean(r) for r in rr]) < 0.01                   # a steady pacemaker
+    rate = [60 / np.median(r) for r in rr]
+    assert 58 < np.percentile(rate, 10) < np.percentile(rate, 90) < 82
+
+
+def test_demo_axis_deviation_flips_limb_lead_polarities():
+    """The frontal QRS axis read from I and II at the R peak: normal -25..85, left below -30, right above 90."""
+    axes = {}
+    for seed, axis in enumerate((0, 1, 2)):
+        _, records = synthesized(10 + seed, axis=axis)
+        beats = np.stack([median_beat(record)[:, R] for record in records])   # lead values at the R peak
+        lead1, lead2 = beats[:, 0], beats[:, 1]
+        axes[axis] = np.degrees(np.arctan2((2 * lead2 - lead1) / np.sqrt(3), lead1))
+    normal, left, right = axes[0], axes[1], axes[2]
+    assert np.mean((normal > -35) & (normal < 95)) > 0.9
+    assert np.mean((left > -95) & (left < -30)) > 0.9 and np.mean((right > 90) & (right < 170)) > 0.9
+
+
+def test_demo_t_wave_inversion_and_long_qt():
+    _, control = synthesized(20)
+    _, inverted = synthesized(21, t_inversion=True)
+    _, long_qt = synthesized(22, long_qt=True)
+
+    def negative_t_leads(record):
+        """Leads (of I, II, aVF, V3-V6, upright in a normal ECG) whose T wave is negative."""
+        beat = median_beat(record)
+        return sum(beat[lead, R + 70:R + 200].mean() < 0 for lead in (0, 1, 5, 8, 9, 10, 11))
+
+    def corrected_t_peak(record):
+        """T-peak delay after R in the precordial lead with the largest T, over the cube root of RR (Fridericia)."""
+        rr = np.median(rr_intervals(record))
+        t_waves = median_beat(record)[6:, R + 50:R + int(0.75 * rr * 500)]
+        lead = np.argmax(np.abs(t_waves).max(axis=1))
+        return (np.argmax(np.abs(t_waves[lead])) + 50) / 500 / np.cbrt(rr)
+    assert separation([negative_t_leads(r) for r in inverted], [negative_t_leads(r) for r in control]) > 0.9
+    assert np.mean([negative_t_leads(r) >= 2 for r in inverted]) > 0.9
+    assert separation([corrected_t_peak(r) for r in long_qt], [corrected_t_peak(r) for r in control]) > 0.95
+
+
+def test_demo_pathological_q_waves():
+    """A Q wave lasting 30 ms or more in some lead of QAb records; septal q waves are brief."""
+    def longest_q(record):
+        beat = median_beat(record)
+        below = beat[:, R - 40:R - 2] < -0.1 * np.ptp(beat[:, R - 40:R + 40], axis=1).max()
+        return below.sum(axis=1).max() / 500
+    (_, control), (_, infarct) = synthesized(50), synthesized(51, q_waves=True)
+    assert np.mean([longest_q(r) >= 0.03 for r in infarct]) > 0.8
+    assert np.mean([longest_q(r) < 0.02 for r in control]) > 0.9
+
+
+def test_demo_low_qrs_voltage():
+    (control_mv, control), (low_mv, low) = synthesized(30), synthesized(31, low_voltage=True)
+
+    def limb_qrs(record):
+        """Largest QRS peak-to-peak (mV) over the limb leads of the median beat."""
+        return np.ptp(median_beat(record)[:6, R - 30:R + 30], axis=1).max()
+
+    def qrs_to_t(record):
+        """QRS over T-wave peak-to-peak in V2-V4 after standardisation: what is left for a model."""
+        beat = median_beat(record)[7:10]
+        return np.ptp(beat[:, R - 30:R + 30], axis=1).sum() / np.ptp(beat[:, R + 60:], axis=1).sum()
+    low_qrs, control_qrs = [limb_qrs(r) for r in low], [limb_qrs(r) for r in control]
+    assert np.mean(np.array(low_qrs) < 0.6) > 0.8 and np.median(control_qrs) > 0.9
+    assert separation(-np.array(low_qrs), -np.array(control_qrs)) > 0.97
+    standardised_low, standardised_control = (dc.preprocess(mv, 500)[:, :, 0, :5000].astype(np.float64)
+                                             for mv in (low_mv, control_mv))
+    assert separation([-qrs_to_t(r) for r in standardised_low], [-qrs_to_t(r) for r in standardised_control]) > 0.75
+
+
+def test_demo_limb_leads_and_nuisances():
+    physical, filtered = synthesized(40, n=64, axis=0)
+    lead1, lead2 = physical[:, 0], physical[:, 1]
+    relations = {"III": lead2 - lead1, "aVR": -(lead1 + lead2) / 2, "aVL": lead1 - lead2 / 2, "aVF": lead2 - lead1 / 2}
+    for lead, expected in relations.items():                                 # Einthoven's and Goldberger's
+        np.testing.assert_allclose(physical[:, dc.LEADS.index(lead)], expected, atol=1e-5)
+    # People differ in amplitude; records differ in muscle noise.
+    qrs = np.array([np.ptp(median_beat(record)[:, R - 30:R + 30], axis=1).max() for record in filtered])
+    assert np.std(np.log(qrs)) > 0.15
+    muscle = sosfiltfilt(butter(4, [60, 140], btype="bandpass", fs=500, output="sos"), physical, axis=-1)
+    level = muscle.std(axis=-1).mean(axis=1)                     # above the QRS band: EMG and amplifier noise
+    assert level.max() > 3 * level.min()
+
+
+def test_demo_made_aside_and_renamed_into_place(tmp_path):
+    small = dict(n_records=12, n_code15=40)
+    made = synth.make_demo(tmp_path, seed=0, **small)
+    files = {path: path.stat().st_ino for path in tmp_path.rglob("*") if path.is_file()}
+    made["code15_valid"].unlink()                       # a file lost since
+    again = synth.make_demo(tmp_path, seed=0, **small)
+    assert again == made and made["code15_valid"].is_file()
+    assert all(path.stat().st_ino == inode for path, inode in files.items() if path != made["code15_valid"])
+    assert not list(tmp_path.glob(".demo-staging-*"))
+
+    # Two runs started together: both finish, and the data is whole.
+    script = ("import sys; sys.path.insert(0, {repo!r}); import synthetic_ecg as synth; "
+              "synth.make_demo({folder!r}, seed=0, n_records=12, n_code15=40)")
+    folder = tmp_path / "together"
+    runs = [subprocess.Popen([sys.executable, "-c", script.format(repo=str(REPO_ROOT), folder=str(folder))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert all(run.wait() == 0 for run in runs), [run.stderr.read() for run in runs]
+    out = folder / "Preprocessed_dataset"
+    with h5py.File(ds.find_dataset_h5(out, DEMO_DATASET)) as f:
+        assert len(f["record_set"]) == 12
+    assert len(list((folder / "OriginalData" / DEMO_DATASET).glob("*.hea"))) == 12
+    assert (out / "CODE15_train_32.hdf5").is_file() and not list(folder.glob(".demo-staging-*"))
 
 
 def test_a_flat_lead_becomes_zeros_whatever_its_constant():

@@ -16,6 +16,7 @@ import main
 import pipeline_ecg
 from runs import load_results
 from ecg_dataset import load_experiment_datasets
+from helper_code import DEMO_CLASSES
 from model_src_ecg import build_model
 from pipeline_pretrain import pretrain
 
@@ -56,9 +57,9 @@ def test_each_mode_runs_end_to_end(mode, method, tiny_demo, backbones, tmp_path,
     for result in (student, teacher):
         assert 0.0 <= result["auc_roc_macro"] <= 1.0 and 0.0 <= result["Map_value"] <= 100.0
         assert result["trainable_num"] > 0 and result["memory"] >= 0 and result["time"] > 0
-        assert len(result["auc_roc_per_class"]) == len(result["thresholds"]) == 7
+        assert len(result["auc_roc_per_class"]) == len(result["thresholds"]) == len(DEMO_CLASSES)
         assert np.isfinite(result["challenge_score"]) and result["challenge_score"] <= 1.0
-    full = sum(p.numel() for p in build_model(CONFIG, 7).parameters())
+    full = sum(p.numel() for p in build_model(CONFIG, len(DEMO_CLASSES)).parameters())
     assert student["trainable_num"] == full
     assert (teacher["trainable_num"] == full) == (method == "ft")
     reloaded = json.loads(files[0].with_suffix(".json").read_text())
@@ -137,7 +138,7 @@ def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, tmp
 
 def test_reduced_leads_ignore_the_other_leads(tiny_demo):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=0)
-    net = build_model(CONFIG, 7)
+    net = build_model(CONFIG, len(DEMO_CLASSES))
     loader = torch.utils.data.DataLoader(data.valid, batch_size=8)
     noisy = [(x + torch.randn_like(x) * torch.tensor([0.0] + [1.0] * 11).view(1, 12, 1, 1), y) for x, y in loader]
     _, clean_scores = pipeline_ecg.predict(net, loader, torch.device("cpu"), leads=1)

@@ -21,7 +21,7 @@ import pipeline_ecg
 import predict
 import synthetic_ecg as synth
 from ecg_dataset import load_experiment_datasets
-from helper_code import LEADS
+from helper_code import DEMO_CLASSES, LEADS
 from model_src_ecg import build_model
 from pipeline_pretrain import pretrain
 
@@ -122,17 +122,19 @@ def test_csv_of_a_folder_with_sub_folders(trained, tiny_demo, tmp_path, one_thre
     assert summary == {"predicted": 12, "skipped": {}, "flat": 0, "out": tmp_path / "p.csv"}
 
     model = predict.load_model(trained.teacher, torch.device("cpu"))
-    columns, csv_names, probs, labels = csv_arrays(tmp_path / "p.csv", 7)
+    columns, csv_names, probs, labels = csv_arrays(tmp_path / "p.csv", len(DEMO_CLASSES))
     expected_columns = ["record"]
-    for code, name in zip(("426783006", "426177001", "427084000", "164889003", "270492004", "59118001", "164909002"),
-                          ("NSR", "SB", "STach", "AF", "IAVB", "RBBB", "LBBB")):
+    for code, name in (("164889003", "AF"), ("270492004", "IAVB"), ("39732003", "LAD"), ("164909002", "LBBB"),
+                       ("251146004", "LQRSV"), ("426783006", "NSR"), ("284470004", "PAC"), ("10370003", "PR"),
+                       ("427172004", "PVC"), ("111975006", "LQT"), ("164917005", "QAb"), ("47665007", "RAD"),
+                       ("59118001", "RBBB"), ("426177001", "SB"), ("427084000", "STach"), ("59931005", "TInv")):
         expected_columns += [f"{code}_{name}_probability", f"{code}_{name}_label"]
     assert columns == expected_columns
     assert sorted(csv_names) == chosen
     rows = [names.index(name) for name in csv_names]
     np.testing.assert_allclose(probs, model_probabilities(model, records[rows]), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(labels, probs >= model.thresholds)
-    assert np.asarray(model.thresholds).shape == (7,) and not np.all(model.thresholds == 0.5)
+    assert np.asarray(model.thresholds).shape == (len(DEMO_CLASSES),) and not np.all(model.thresholds == 0.5)
 
 
 def test_one_header_and_the_hdf5_give_the_folders_numbers(trained, tiny_demo, tmp_path, one_thread):
@@ -155,7 +157,7 @@ def test_real_records(trained, shared_data, tmp_path, one_thread):
     sample = shared_data / "cinc2021-sample"
     run_predict("--model", trained.teacher, "--records", sample, "--out", tmp_path / "real.csv")
     model = predict.load_model(trained.teacher, torch.device("cpu"))
-    _, names, probs, labels = csv_arrays(tmp_path / "real.csv", 7)
+    _, names, probs, labels = csv_arrays(tmp_path / "real.csv", len(DEMO_CLASSES))
     headers = sorted(sample.glob("*.hea"))
     assert names == [h.stem for h in headers] and len(names) == 15
     read = [dc.read_challenge_record(h) for h in headers]
@@ -188,7 +190,7 @@ def test_challenge_outputs_score_as_the_run_did(trained, tiny_demo, tmp_path, on
     classes, predicted, probs = read_challenge_outputs(tmp_path / "outputs", test_names)
     model = predict.load_model(trained.teacher, torch.device("cpu"))
     assert classes == model.class_codes
-    _, csv_names, csv_probs, csv_labels = csv_arrays(tmp_path / "p.csv", 7)
+    _, csv_names, csv_probs, csv_labels = csv_arrays(tmp_path / "p.csv", len(DEMO_CLASSES))
     assert csv_names == test_names
     np.testing.assert_array_equal(probs.astype(np.float32), csv_probs)
     np.testing.assert_array_equal(predicted, csv_labels)
@@ -205,7 +207,7 @@ def test_bad_records_are_skipped_named_and_counted(trained, tiny_demo, tmp_path,
            "truncated": "unreadable .mat", "elevenlead": "not 12 leads", "nanrec": "non-finite samples",
            "zerolen": "zero length", "badheader": "unparseable header", "tooshort": "too short"}
     for name in good + [n for n in bad if n != "nohea"]:
-        signal = synth.synthesize_ecg(*synth.sample_conditions(1, rng), 500, 5000, rng)[0]
+        signal = synth.synthesize_ecg(synth.sample_conditions(1, rng), 500, 5000, rng)[0]
         if name == "flatlead":
             signal[0] = 0.0
         synth.write_challenge_record(folder, name, signal, 500, ["426783006"], np.full(12, 1000.0),
@@ -307,7 +309,7 @@ def test_old_merged_files_load_with_a_warning(trained, tiny_demo, tmp_path, capl
         np.testing.assert_array_equal(model["thresholds"], new_model["thresholds"])
         assert model["leads"] == ["I"]
     else:
-        np.testing.assert_array_equal(model["thresholds"], np.full(7, 0.5))
+        np.testing.assert_array_equal(model["thresholds"], np.full(len(DEMO_CLASSES), 0.5))
         assert model["leads"] == list(LEADS) and "0.5" in warning and "all 12" in warning
 
     names, _, _ = demo_h5(tiny_demo)
@@ -326,8 +328,8 @@ def test_a_reduced_lead_student_needs_only_its_leads(trained, tiny_demo, tmp_pat
         write_reduced_record(full / f"{name}.hea", without_one, ["II", "V1", "V5"])
     run_predict("--model", trained.student, "--records", full, "--out", tmp_path / "full.csv")
     run_predict("--model", trained.student, "--records", lead_one, "--out", tmp_path / "lead_I.csv")
-    _, full_names, full_probs, _ = csv_arrays(tmp_path / "full.csv", 7)
-    _, one_names, one_probs, _ = csv_arrays(tmp_path / "lead_I.csv", 7)
+    _, full_names, full_probs, _ = csv_arrays(tmp_path / "full.csv", len(DEMO_CLASSES))
+    _, one_names, one_probs, _ = csv_arrays(tmp_path / "lead_I.csv", len(DEMO_CLASSES))
     assert one_names == full_names == names[:3]
     np.testing.assert_allclose(one_probs, full_probs, rtol=0, atol=1e-6)
 
@@ -390,8 +392,8 @@ def onnx_files(trained, tmp_path_factory):
 def onnx_outputs(path, inputs):
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {predict.ONNX_INPUT: np.ascontiguousarray(inputs, dtype=np.float32)})
+    runner = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return runner.run(None, {predict.ONNX_INPUT: np.ascontiguousarray(inputs, dtype=np.float32)})
 
 
 def check_onnx_equals_pytorch(trained, onnx_files, role, inputs):
