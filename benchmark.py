@@ -554,7 +554,8 @@ def inference_section(args):
     return results
 
 
-STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "ft", "zo", "hizoo", "sparse_mezo", "fzoo", "floor")
+STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "lora_bp_accum", "ft", "zo", "hizoo", "sparse_mezo", "fzoo",
+                "floor")
 STEP_NUM_CLASS = 16
 STEP_ROUNDS = 2  # every method measured once per round, rounds in opposite orders, fastest time kept
 # On CPU each method runs on one intra-op thread: a multi-threaded OpenMP region waits for its
@@ -692,7 +693,7 @@ def step_section(args):
     return results
 
 
-MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
                        "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"

@@ -176,21 +176,22 @@ def plot_tradeoff(rows, path, scale_note):
 
 
 def plot_validation(rows, path):
-    """Validation mAP against iteration, one curve per method: the mean over the seeds' histories
-    at each validated iteration (a run that stopped early leaves the mean to the others)."""
+    """Validation mAP against epoch (samples seen / training records, so methods at other batch sizes
+    line up), one curve per method: the mean over the seeds' histories at each validated epoch (a
+    run that stopped early leaves the mean to the others)."""
     plt = _pyplot()
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for row in (row for row in rows if row["dataset"] == dataset):
-            by_iteration = {}
+            by_epoch = {}
             for history in row["histories"]:
                 with open(history, newline="") as f:
                     for entry in csv.DictReader(f):
-                        by_iteration.setdefault(int(entry["iteration"]), []).append(float(entry["valid_map"]))
-            iterations = sorted(by_iteration)
-            ax.plot(iterations, [np.mean(by_iteration[i]) for i in iterations], marker=".", label=row["method"])
-        ax.set_xlabel("iteration")
+                        by_epoch.setdefault(float(entry["epoch"]), []).append(float(entry["valid_map"]))
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], marker=".", label=row["method"])
+        ax.set_xlabel("epoch")
         ax.set_ylabel("validation mAP (mean over seeds)")
         ax.set_title(dataset)
         ax.legend(fontsize=8)
