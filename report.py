@@ -14,7 +14,10 @@ TABLE_FIGURES = (("macro AUROC", "auc_roc_macro", "{:.4f}"), ("F-beta", "F1score
                  ("mAP", "Map_value", "{:.2f}"), ("Challenge", "challenge_score", "{:.4f}"),
                  ("trainable", "trainable_num", "{:,}"),
                  ("peak MiB", "memory", "{:.1f}"), ("s/iter", "time", "{:.3f}"))
-SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time")
+# what chose the checkpoint, and when the run stopped: printed beside the test metrics of a summary
+SELECTION_FIGURES = (("valid mAP", "best_valid_map", "{:.2f}"), ("iterations", "iterations", "{:.0f}"))
+SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time", "best_valid_map",
+                   "iterations")
 
 
 def format_table(title, rows, figures=TABLE_FIGURES):
@@ -63,7 +66,7 @@ def write_summary(result_dir, prefix, rows, extra):
 
 def format_summary(title, rows, label_key, group_key):
     """Per group, one line per row: mean ± std of every printed figure that is summarised."""
-    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in SUMMARY_FIGURES]
+    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in SUMMARY_FIGURES] + list(SELECTION_FIGURES)
     width = max(len(row[label_key]) for row in rows) + 2
     lines = [f"== {title} =="]
     for group in dict.fromkeys(row[group_key] for row in rows):
@@ -109,7 +112,7 @@ def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
             entries = [e for results in results_by_seed.values() for e in results
                        if e["dataset"] == dataset and e["method"] == method]
             rows.append({"dataset": dataset, "method": method, "seeds": len(entries),
-                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time")),
+                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time", "best_valid_map", "iterations")),
                          "trainable_num": int(entries[0]["trainable_num"]), "simulated_gpu_mb": simulated_mb[method],
                          "histories": [e["history"] for e in entries]})
     scale_note = f"simulated GPU peak: {scale['config']}, batch {scale['batch']}, bp_batch {args.bp_batch}, " \
@@ -126,7 +129,7 @@ def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
 
 
 def format_comparison(rows, seeds, scale_note):
-    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in COMPARE_FIGURES]
+    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in COMPARE_FIGURES] + list(SELECTION_FIGURES)
     width = max(len(row["method"]) for row in rows) + 2
     lines = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
