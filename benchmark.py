@@ -141,7 +141,8 @@ def _model_method_figures(method, device, batch, repeats):
 
 @section("model")
 def model_section(args):
-    """Forward latency and peak memory, explicit vs fused attention; LoRA fold vs low-rank path.
+    """Forward latency and peak memory, explicit vs fused attention (tinylight, tiny and base, and
+    medium on a GPU; --config for one); LoRA fold vs low-rank path.
 
     Every method runs in its own subprocess so one method's freed memory cannot hide another's peak.
     """
@@ -152,7 +153,8 @@ def model_section(args):
     repeats = args.repeats or 3
     if args.method:
         return {args.method: _model_method_figures(args.method, device, batch, repeats)}
-    configs = ["tinylight", "tiny", "base"] + (["medium"] if device.type == "cuda" else [])
+    default_configs = ["tinylight", "tiny", "base"] + (["medium"] if device.type == "cuda" else [])
+    configs = [args.config] if args.config else default_configs
     methods = [f"{c}_{a}" for c in configs for a in ("explicit", "fused")]
     methods += [f"lora_{p}_{k}_{m}" for m in ("train", "nograd") for k in ("linear", "conv") for p in ("fold", "lowrank")]
     results = _measure_in_fresh_processes("model", methods, ["--device", str(device), "--batch", str(batch),
@@ -164,6 +166,7 @@ def model_section(args):
 
 
 DATA_RECORDS = 400
+DATA_MIN_RECORDS = 4
 DATA_WORKERS = 2
 
 
@@ -233,6 +236,7 @@ def _data_method_figures(method, measure, dataset_dir, workers):
     import h5py
 
     import datacollection
+    from helper_code import DEMO_DATASET
 
     with tempfile.TemporaryDirectory() as out_dir:
         baseline, peak, done = _process_tree_pss_mb(), [0.0], threading.Event()
@@ -247,10 +251,10 @@ def _data_method_figures(method, measure, dataset_dir, workers):
             sampler.start()
         start = time.perf_counter()
         if method == "project":
-            path = datacollection.convert_challenge(dataset_dir, out_dir, datacollection.DEMO_DATASET, workers=workers)
+            path = datacollection.convert_challenge(dataset_dir, out_dir, DEMO_DATASET, workers=workers)
         else:
             path = Path(out_dir) / "reference.hdf5"
-            _reference_convert(dataset_dir, path, datacollection.DEMO_DATASET)
+            _reference_convert(dataset_dir, path, DEMO_DATASET)
         seconds = time.perf_counter() - start
         done.set()
         if measure == "memory":
@@ -277,7 +281,8 @@ def data_section(args):
 
     import numpy as np
 
-    import datacollection
+    from helper_code import DEMO_DATASET
+    from synthetic_ecg import write_demo_challenge
 
     workers = args.workers or DATA_WORKERS
     if args.method:
@@ -290,8 +295,8 @@ def data_section(args):
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
         for n in (n_records // 4, n_records):
-            folders[n] = Path(tmp) / f"records{n}" / datacollection.DEMO_DATASET
-            datacollection.write_demo_challenge(folders[n], n, np.random.default_rng(0))
+            folders[n] = Path(tmp) / f"records{n}" / DEMO_DATASET
+            write_demo_challenge(folders[n], n, np.random.default_rng(0))
         for method in ("project", "reference"):
             results[method] = {}
             for measure, n, figure in runs:
@@ -798,14 +803,22 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_flags(parser, args):
+    """What no single flag's type can check."""
     if args.batch is not None and args.bp_batch is not None and args.bp_batch > args.batch:
         parser.error(f"argument --bp_batch: must be at most --batch ({args.batch}), got {args.bp_batch}")
     if args.section == "memory" and args.student_config is not None and len(args.student_config) > 1:
         parser.error("argument --student_config: the memory section compares the teacher with one student")
+    if args.section == "data" and args.records is not None and args.records < DATA_MIN_RECORDS:
+        parser.error(f"argument --records: the data section needs at least {DATA_MIN_RECORDS} (it also converts a "
+                     f"quarter of them), got {args.records}")
+
+
+def main(argv=None):
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     results = SECTIONS[args.section](args)
     print_table(args.section, results)
     if args.json is not None:
