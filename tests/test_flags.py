@@ -1,16 +1,21 @@
 """Every entry script refuses a bad flag before any work (one argparse-style line, exit status 2),
-shows its flags with underscores and reads them with hyphens too."""
+shows its flags with underscores and reads them with hyphens too; predict.py --threads."""
 import argparse
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import benchmark
 import main
 import predict
-from helper_code import FlagParser
+from datacollection import CODE15_LABELS
+from helper_code import FlagParser, backbone_name
+from model_src_ecg import build_model
+from synthetic_ecg import write_demo_challenge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,3 +143,29 @@ def test_values_after_a_bare_double_dash_are_left_as_they_are():
     parser.add_argument("names", nargs="*")
     assert vars(parser.parse_args(["--bp-batch", "2", "--", "--bp-batch"])) == {"bp_batch": 2, "names": ["--bp-batch"]}
 
+
+# ---------------------------------------------------------------------------------------------
+# predict.py --threads
+# ---------------------------------------------------------------------------------------------
+def test_predict_threads_sets_the_threads_that_score(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    backbone = tmp_path / backbone_name("CODE_test", "tinylight")
+    torch.save(build_model("tinylight", len(CODE15_LABELS), r=0).state_dict(), backbone)
+    write_demo_challenge(tmp_path / "records", 2, np.random.default_rng(0))
+    scored_on, score = [], predict.probabilities
+    monkeypatch.setattr(predict, "probabilities", lambda *a: (scored_on.append(torch.get_num_threads()), score(*a))[1])
+    before = torch.get_num_threads()
+    try:
+        for flags, expected in ((["--threads", "1"], 1), ([], 3)):   # without the flag: torch's setting, untouched
+            torch.set_num_threads(3)
+            scored_on.clear()
+            summary = predict.main(["--model", str(backbone), "--records", str(tmp_path / "records"),
+                                    "--out", str(tmp_path / "p.csv"), "--device", "cpu", *flags])
+            assert summary["predicted"] == 2 and scored_on and set(scored_on) == {expected}
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--model", str(backbone), "--records", str(tmp_path / "records"), "--threads", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == ["predict.py: error: argument --threads: must be an integer >= 1, got 0"]
