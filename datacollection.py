@@ -115,6 +115,7 @@ class RecordSkipped(Exception):
 
 
 def dx_codes(comments):
+    """The codes of a header's Dx comment, spelled `#Dx:` (the Challenge's files) or `# Dx:`; None without one."""
     for comment in comments:
         key, _, value = comment.partition(":")
         if key.strip() == "Dx":
@@ -148,7 +149,7 @@ def read_challenge_record(header_path, require_dx=True, leads=LEADS):
     For prediction: `leads`, the leads a model reads, lets a header of fewer signals through when
     it names each of them (a reduced-lead record; names matched ignoring case): every signal named
     as one of LEADS goes to its row, the rows of absent leads stay zero (what lead masking makes
-    of them anyway). require_dx=False: a header without '# Dx:' codes gives [] (unlabelled records).
+    of them anyway). require_dx=False: a header without Dx codes gives [] (unlabelled records).
     """
     record_path = str(header_path.with_suffix(""))
     signal_error = None
@@ -176,7 +177,7 @@ def read_challenge_record(header_path, require_dx=True, leads=LEADS):
         raise RecordSkipped("zero length")
     codes = dx_codes(record.comments or [])
     if not codes and require_dx:
-        raise RecordSkipped("unparseable header", "no '# Dx:' codes")
+        raise RecordSkipped("unparseable header", "no '#Dx:' codes")
     if signal_error is not None:
         raise RecordSkipped("unreadable .mat", f"{type(signal_error).__name__}: {signal_error}")
     check_mat_header(header_path.with_suffix(".mat"), record.n_sig, record.sig_len)

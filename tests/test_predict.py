@@ -229,7 +229,7 @@ def test_bad_records_are_skipped_named_and_counted(trained, tiny_demo, tmp_path,
     scipy.io.savemat(folder / "tooshort.mat", {"val": adc[:, :5]}, format="4")
     (folder / "badheader.hea").write_text("not a WFDB header\n")
     text = (folder / "nodx.hea").read_text()
-    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("# Dx")) + "\n")
+    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("#Dx")) + "\n")
     for sub in ("a", "b"):                     # one name in two places: which row would be whose?
         copy_records(tiny_demo, ["D00001"], folder / sub)
 
