@@ -213,6 +213,22 @@ def find_records(dataset_dir):
     return records, unpaired
 
 
+def check_unique_names(dataset, records):
+    """A ValueError, in one line naming both paths, when two (name, header_path) records share a
+    name: a row is known by its record's name, and a record found twice (a copied folder) would
+    also sit in two rows, perhaps one in training and one in the test set."""
+    seen, twice = {}, []
+    for name, header_path in records:
+        if name in seen:
+            twice.append((name, seen[name], header_path))
+        seen.setdefault(name, header_path)
+    if twice:
+        name, first, second = twice[0]
+        more = f" ({len(twice)} names found twice in all)" if len(twice) > 1 else ""
+        raise ValueError(f"{dataset}: record {name} occurs twice, {first} and {second}{more}; rows are known by "
+                         f"record name, so a name must be one record: remove the copy; nothing converted")
+
+
 class ChunkResult(NamedTuple):
     records: np.ndarray        # (k, 12, 1, SAMPLES) float32
     labels: np.ndarray         # (k, C) float32
@@ -308,6 +324,7 @@ def convert_challenge(dataset_dir, out_dir, dataset, workers=1, chunk=CHUNK):
     classes = dataset_classes(dataset)
     class_names = [LABEL_ABBREVIATION[code] for code in classes]
     records, unpaired = find_records(dataset_dir)
+    check_unique_names(dataset, records)
     found = len(records) + len(unpaired)
     skipped = collections.Counter()
     for name, reason in unpaired:

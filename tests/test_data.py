@@ -225,6 +225,28 @@ def test_missing_dataset_folder_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_record_name_found_twice_stops_the_conversion_naming_both_paths(tmp_path):
+    dataset = tmp_path / "OriginalData" / "WFDB_Ga"
+    for sub in ("g1", "g1/copy", "g2"):
+        (dataset / sub).mkdir(parents=True)
+    write_good_records(dataset / "g1", ["E00001", "E00002", "E00003"])
+    write_good_records(dataset / "g1" / "copy", ["E00002"])
+    write_good_records(dataset / "g2", ["E00003", "E00004"], seed=1)
+    with pytest.raises(SystemExit) as stop:
+        main.main(["--data_root", str(tmp_path / "OriginalData"), "--preprocessed_dir", str(tmp_path / "out"),
+                   "--finetune_dataset", "WFDB_Ga"], prog="datacollection.py")
+    message = str(stop.value.code)
+    assert len(message.splitlines()) == 1 and message.startswith("error: WFDB_Ga: record E00002 occurs twice")
+    assert f"{dataset / 'g1' / 'E00002.hea'} and {dataset / 'g1' / 'copy' / 'E00002.hea'}" in message
+    assert "(2 names found twice in all)" in message and not (tmp_path / "out").exists()
+    shutil.rmtree(dataset / "g1" / "copy")
+    (dataset / "g2" / "E00003.hea").unlink()
+    (dataset / "g2" / "E00003.mat").unlink()
+    with h5py.File(dc.convert_challenge(dataset, tmp_path / "out", "WFDB_Ga")) as f:
+        assert sorted(n.decode() if isinstance(n, bytes) else n for n in f["record_names"][:]) == \
+            ["E00001", "E00002", "E00003", "E00004"]
+
+
 def test_interrupted_conversion_leaves_no_final_file(tmp_path, monkeypatch):
     folder = tmp_path / "WFDB_Demo"
     folder.mkdir()
