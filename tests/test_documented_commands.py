@@ -99,8 +99,9 @@ def parse_script(script, argv, where):
     for word in argv:
         flag = word.split("=", 1)[0]
         if flag.startswith("--") and flag not in shown:
-            pytest.fail(f"{where}: {flag} is not a flag of {script} as its --help spells it; read as "
-                        f"{parser.known_spelling(flag)}")
+            known = parser.known_spelling(flag)
+            hint = f"--help spells it {known}" if known in shown else "renamed or removed?"
+            pytest.fail(f"{where}: {flag} is not a flag of {script} as its --help shows them ({hint})")
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
         try:
