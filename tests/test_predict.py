@@ -348,7 +348,7 @@ def test_a_reduced_lead_student_needs_only_its_leads(trained, tiny_demo, tmp_pat
     (["--model", "{model}", "--records", "{model}"], "argument --records: expected a folder of Challenge records"),
     (["--model", "{model}"], "one of the arguments --records --export is required"),
     (["--model", "{model}", "--records", ".", "--batch-size", "0"], "argument --batch_size: must be an integer >= 1"),
-    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge-outputs: only with"),
+    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge_outputs: only with"),
     (["--model", "{model}", "--export", "model.txt"], "argument --export: expected a file name ending in .onnx"),
     (["--model", "{model}", "--records", ".", "--config", "tiny"], "argument --config: only for a backbone"),
     (["--model", "{garbage}", "--records", "."], "argument --model: {garbage} is not a model file torch can read"),
