@@ -139,9 +139,8 @@ OLD_SPELLINGS = {
     "pipeline_pretrain.py": {"pretrain_epochs": "--epochs", "pretrain_batch_size": "--batch_size",
                              "pretrain_lr": "--lr", "pretrain_patience": "--patience", "code15_train": "--train",
                              "code15_valid": "--valid"},
-    "datacollection.py": {"data_root": "--data-root", "preprocessed_dir": "--out", "finetune_dataset": "--datasets",
-                          "convert_workers": "--workers", "code15_dir": "--code15",
-                          "code15_valid_fraction": "--valid-fraction"},
+    "datacollection.py": {"preprocessed_dir": "--out", "finetune_dataset": "--datasets", "convert_workers": "--workers",
+                          "code15_dir": "--code15", "code15_valid_fraction": "--valid-fraction"},   # --data-root: a twin
 }
 
 
