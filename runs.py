@@ -88,7 +88,7 @@ def hold(path):
 
     The lock lives as long as the open file: the operating system drops it when the process
     ends, a SIGKILL included. This process may hold a run again (a retry after an exception)."""
-    lock = Path(path).with_suffix(LOCK)
+    lock = Path(path).with_suffix(LOCK).resolve()
     if fcntl is None or lock in _held:
         return True
     f = open(lock, "a")
@@ -97,13 +97,17 @@ def hold(path):
     except BlockingIOError:
         f.close()
         return False
+    except OSError as error:   # a file system without locks: the run goes unheld, as without fcntl
+        log.warning("cannot lock %s (%s): another process could continue this run at the same time", lock, error)
+        f.close()
+        return True
     _held[lock] = f
     return True
 
 
 def release(path):
     """Let other processes continue the run of `path`."""
-    f = _held.pop(Path(path).with_suffix(LOCK), None)
+    f = _held.pop(Path(path).with_suffix(LOCK).resolve(), None)
     if f is not None:
         f.close()
 
