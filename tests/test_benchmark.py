@@ -32,9 +32,8 @@ def test_model_section(tmp_path):
     backbone = {"tinylight_explicit", "tinylight_fused"}
     lora = set(results) - backbone
     assert backbone < set(results) and lora and all(m.startswith("lora_") for m in lora)
-    for method in lora:   # each LoRA layer is timed folded and on the low-rank path
-        path = method.split("_")[1]
-        assert path in ("fold", "lowrank") and method.replace(path, {"fold": "lowrank", "lowrank": "fold"}[path]) in lora
+    folded = {m for m in lora if m.startswith("lora_fold_")}   # each LoRA case folded and on the low-rank path
+    assert folded and {m.replace("lora_fold_", "lora_lowrank_") for m in folded} == lora - folded
     for method, row in results.items():
         assert row["ms_per_batch"] > 0 and row["peak_mb"] >= 0, method
     for method in backbone:
