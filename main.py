@@ -139,14 +139,13 @@ SCRIPT_FLAGS = {
 }
 # flags that take one value in these scripts (several elsewhere)
 ONE_VALUE = {"pipeline_ecg.py": ("finetune_dataset", "seed"), "pipeline_pretrain.py": ("seed",)}
-# earlier spellings, still accepted
+# earlier spellings, still accepted (either way spelled) but not shown
 OLD_SPELLINGS = {
     "pipeline_pretrain.py": {"pretrain_epochs": "--epochs", "pretrain_batch_size": "--batch_size",
                              "pretrain_lr": "--lr", "pretrain_patience": "--patience", "code15_train": "--train",
                              "code15_valid": "--valid"},
-    "datacollection.py": {"data_root": "--data-root", "preprocessed_dir": "--out", "finetune_dataset": "--datasets",
-                          "convert_workers": "--workers", "code15_dir": "--code15",
-                          "code15_valid_fraction": "--valid-fraction"},
+    "datacollection.py": {"preprocessed_dir": "--out", "finetune_dataset": "--datasets", "convert_workers": "--workers",
+                          "code15_dir": "--code15", "code15_valid_fraction": "--valid-fraction"},   # --data-root: a twin
 }
 
 
@@ -214,15 +213,15 @@ def flag_spec(name):
 def build_parser(prog="main.py"):
     """The flags of `prog` (a script's file name); flags not given stay absent from the namespace."""
     parser = FlagParser(prog=prog, description=importlib.import_module(Path(prog).stem).__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+                        old_spellings={old: f"--{name}" for name, old in OLD_SPELLINGS.get(prog, {}).items()})
     for name in SCRIPT_FLAGS[prog]:
         spec = flag_spec(name)
         if name in ONE_VALUE.get(prog, ()):
             spec.pop("nargs")
         if name == "zo_config" and prog == "pipeline_ecg.py":
             spec["type"] = one_method
-        old = OLD_SPELLINGS.get(prog, {}).get(name)
-        parser.add_argument(f"--{name}", *([old] if old else []), dest=name, **spec)
+        parser.add_argument(f"--{name}", dest=name, **spec)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Apply a trained model to ECG records, or export it to ONNX.
 
-    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge-outputs DIR]
+    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge_outputs DIR]
     python predict.py --model MODEL --export model.onnx
     python predict.py --model pretrained_checkpoint/CODE_testtinylightbias_full_checkpoint.pkl --records PATH
 
@@ -411,14 +411,17 @@ def build_parser():
     parser.add_argument("--records", type=records_path, help="folder of Challenge records, one .hea, or an HDF5")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"the CSV: one row per record (default: {DEFAULT_OUT})")
-    parser.add_argument("--challenge-outputs", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--challenge_outputs", type=Path, default=None, metavar="DIR",
                         help="also one {record}.csv per record here, in the Challenge 2021 output format")
     parser.add_argument("--export", type=onnx_path, default=None, metavar="FILE.onnx",
                         help="write the model as ONNX (input (batch, 12, 1, 6144))")
     parser.add_argument("--config", choices=list(MODEL_CONFIGS), default=None,
                         help="a backbone checkpoint's config (default: from its file name)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=BATCH,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="CPU threads for scoring, torch's intra-op threads (default: torch's choice, one per core); "
+                             "on a loaded machine fewer can be faster")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH,
                         help=f"records scored together (default: {BATCH})")
     return parser
 
@@ -428,12 +431,12 @@ def check_flags(parser, args):
     if args.records is None and args.export is None:
         parser.error("one of the arguments --records --export is required")
     if args.records is None and (args.out is not None or args.challenge_outputs is not None):
-        parser.error("argument --out/--challenge-outputs: only with --records")
+        parser.error("argument --out/--challenge_outputs: only with --records")
     args.out = DEFAULT_OUT if args.out is None else args.out
     if args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a folder; name the CSV file")
     if args.challenge_outputs is not None and args.challenge_outputs.exists() and not args.challenge_outputs.is_dir():
-        parser.error(f"argument --challenge-outputs: {args.challenge_outputs} exists and is not a folder")
+        parser.error(f"argument --challenge_outputs: {args.challenge_outputs} exists and is not a folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available here")
     missing = missing_onnx_packages() if args.export is not None else []
@@ -449,6 +452,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     try:
         model = load_model(args.model, device, args.config)

@@ -229,7 +229,7 @@ def test_bad_records_are_skipped_named_and_counted(trained, tiny_demo, tmp_path,
     scipy.io.savemat(folder / "tooshort.mat", {"val": adc[:, :5]}, format="4")
     (folder / "badheader.hea").write_text("not a WFDB header\n")
     text = (folder / "nodx.hea").read_text()
-    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("# Dx")) + "\n")
+    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("#Dx")) + "\n")
     for sub in ("a", "b"):                     # one name in two places: which row would be whose?
         copy_records(tiny_demo, ["D00001"], folder / sub)
 
@@ -347,8 +347,8 @@ def test_a_reduced_lead_student_needs_only_its_leads(trained, tiny_demo, tmp_pat
     (["--model", "{model}", "--records", "nowhere"], "argument --records: not found: nowhere"),
     (["--model", "{model}", "--records", "{model}"], "argument --records: expected a folder of Challenge records"),
     (["--model", "{model}"], "one of the arguments --records --export is required"),
-    (["--model", "{model}", "--records", ".", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
-    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge-outputs: only with"),
+    (["--model", "{model}", "--records", ".", "--batch-size", "0"], "argument --batch_size: must be an integer >= 1"),
+    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge_outputs: only with"),
     (["--model", "{model}", "--export", "model.txt"], "argument --export: expected a file name ending in .onnx"),
     (["--model", "{model}", "--records", ".", "--config", "tiny"], "argument --config: only for a backbone"),
     (["--model", "{garbage}", "--records", "."], "argument --model: {garbage} is not a model file torch can read"),
