@@ -99,10 +99,10 @@ class StepConfig:
             raise ValueError(f"unknown head_rule {self.head_rule!r}; choose from {', '.join(HEAD_RULES)}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose from {', '.join(FUSIONS)}")
-        if self.fusion == "projection" and self.method == "htuning" and (self.zo_estimator != "two_point"
+        if self.fusion == "projection" and self.method == "htuning" and (self.zo_estimator == "fzoo"
                                                                          or int(self.q) != 1):
-            raise ValueError("fusion projection corrects g_fo along the one direction z of the two-point estimate: "
-                             "use zo_estimator two_point and q 1")
+            raise ValueError("fusion projection corrects g_fo along the one direction of a two-point estimate; "
+                             "FZOO's estimate and q > 1 have several: use fusion normalized")
         if self.zo_estimator not in ESTIMATORS:
             raise ValueError(f"unknown zo_estimator {self.zo_estimator!r}; choose from {', '.join(ESTIMATORS)}")
         if int(self.q) < 1:
@@ -310,11 +310,6 @@ class HalfTrainer:
             scale = torch.abs(self._hessian_flat, out=self._backup_flat)
             self._z_flat.mul_(scale.clamp_min_(HESSIAN_FLOOR).rsqrt_())
 
-    def _redraw_z(self):
-        """z of the last two-point estimate again, from its seed (the estimate overwrote its buffer)."""
-        self._z_generator.manual_seed(self.last_seed)
-        self._fill_z(rademacher=self.cfg.perturbation_mode == "rademacher")
-
     @torch.no_grad()
     def _two_point(self, inputs, labels, heads_backward=False):
         """L(θ+εz) and L(θ−εz) for a fresh z, as 0-dim tensors; the ZO set is restored bit-exactly.
@@ -437,7 +432,8 @@ class HalfTrainer:
                        shrinks where the two directions disagree, and is c's where they coincide;
           projection:  g = g_fo + (p − z·g_fo) / ‖z‖² · z over the whole ZO set, where p = (L+ − L−)/(2ε)
                        is the whole batch's derivative along z: the FO estimate's component along z
-                       replaced by the measured one (c is not used).
+                       replaced by the measured one (c is not used). Any one-direction estimate
+                       (two-point, HiZOO's, Sparse MeZO's, q 1) gives z and p.
         """
         whole_batch_heads = self.cfg.head_rule == "whole_batch"
         self.optimizer.zero_grad(set_to_none=True)
@@ -464,10 +460,12 @@ class HalfTrainer:
         """g_fo becomes the fused gradient of cfg.fusion (see htuning_step), in place; returns the
         FO weight used (its mean over tensors for agreement; None for projection)."""
         if self.cfg.fusion == "projection":
-            self._redraw_z()
-            fo_along_z = sum(torch.dot(z.view(-1), g.view(-1)) for z, g in zip(self.z, g_fo))
-            along = (self.last_projected_grad - fo_along_z) / self._z_flat.square().sum()
-            torch._foreach_addcmul_(g_fo, self.z, [along] * len(g_fo))
+            # g_zo = p z, so (p − z·g_fo) / ‖z‖² · z = (p² − g_zo·g_fo) / ‖g_zo‖² · g_zo
+            p = self.last_projected_grad
+            zo_square = sum(torch.dot(g.view(-1), g.view(-1)) for g in g_zo)
+            if float(zo_square) > 0:   # p = 0, or z masked out: nothing measured, g_fo stays
+                fo_along = sum(torch.dot(z.view(-1), g.view(-1)) for z, g in zip(g_zo, g_fo))
+                torch._foreach_addcmul_(g_fo, g_zo, [(p * p - fo_along) / zo_square] * len(g_fo))
             return None
         fo_norms = torch._foreach_norm(g_fo)
         zo_norms = torch._foreach_norm(g_zo)

@@ -627,7 +627,8 @@ def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MOD
     if method not in (*METHODS, "htuning_naive", "floor"):
         raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
     step_cfg = main.step_config(zo_config=method if method in METHODS else "htuning", bp_batch=bp_batch,
-                                zo_estimator=estimator or main.zo_estimator)
+                                zo_estimator=estimator or main.zo_estimator,
+                                fusion="normalized" if estimator else main.fusion)   # FZOO's takes no projection
     parts = training_setup(step_cfg, device, config, batch, num_class, LORA_RANK, main.weight_decay, samples)
     model, x, y = parts.model, parts.x, parts.y
     if method == "htuning_naive":
@@ -745,7 +746,7 @@ def _gpu_memory_figures(method, device, config, student_config, batch, bp_batch,
 @section("memory")
 def memory_section(args):
     """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
-    every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate, `htuning:NAME`),
+    every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate and the paper's fusion, `htuning:NAME`),
     and of inference by the teacher
     (--config) and the student (--student_config) on one record and on the batch. The project's
     own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated. On a

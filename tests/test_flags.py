@@ -38,6 +38,7 @@ BAD_MAIN_FLAGS = [
     (["--head_rule", "half"], "--head_rule"),
     (["--fusion", "average"], "--fusion"),
     (["--fusion", "projection", "--q", "2"], "--zo_config htuning"),
+    (["--zo_estimator", "fzoo"], "--zo_config htuning"),
     (["--finetune_dataset", "WFDB_Nowhere"], "--finetune_dataset"),
     (["--config", "huge"], "--config"),
     (["--student_config", "huge"], "--student_config"),

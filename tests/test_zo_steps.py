@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEW_ESTIMATORS = ("hizoo", "sparse_mezo", "fzoo")
 # every step that uses a new estimate: the methods, and H-Tuning with each of their estimates
-ZO_CASES = [(method, {}) for method in NEW_ESTIMATORS] + [("htuning", {"zo_estimator": e}) for e in NEW_ESTIMATORS]
+ZO_CASES = [(method, {}) for method in NEW_ESTIMATORS] + [
+    ("htuning", {"zo_estimator": e, **({"fusion": "normalized"} if e == "fzoo" else {})}) for e in NEW_ESTIMATORS]
 CASE_IDS = [f"{method}-{overrides.get('zo_estimator', 'own')}" for method, overrides in ZO_CASES]
 
 
