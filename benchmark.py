@@ -514,6 +514,142 @@ def _onnx_runtime_rows(student, batch, repeats):
     return {"student eager, 1 thread": eager, "student ONNX Runtime, 1 thread": runtime}
 
 
+DEPLOYED_REPEATS = 300      # deployed students: every runtime's best of this many, the runtimes interleaved
+DEPLOYED_RUNTIMES = ("eager", "float32", "int8")
+DEPLOYED_BATCH = 64         # test records scored together for the accuracy figures
+
+
+def _deployed_runner(runtime, path):
+    """run(inputs) -> probabilities of a trained student as deployed: its merged file under eager
+    PyTorch (predict.py's own scoring), or its ONNX file under ONNX Runtime on one CPU thread."""
+    import onnxruntime
+    import torch
+
+    import predict
+
+    if runtime == "eager":
+        model = predict.load_model(path, torch.device("cpu"))
+        return lambda inputs: predict.probabilities(model, inputs, torch.device("cpu"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda inputs: session.run([predict.ONNX_OUTPUTS[0]], {predict.ONNX_INPUT: inputs})[0]
+
+
+def _deployed_memory(runtime, path):
+    """Peak memory of loading a deployed student and scoring one record, in this (fresh) process
+    (the libraries imported before: they are not the model's)."""
+    import numpy as np
+    import onnxruntime
+
+    import predict
+    from helper_code import PeakMemory
+
+    record = np.zeros((1, 12, 1, MODEL_SAMPLES), np.float32)
+    with PeakMemory("cpu") as peak:
+        _deployed_runner(runtime, path)(record)
+    return {"peak_mb": peak.peak_mb}
+
+
+def _test_batches(split, batch_size):
+    """(inputs, labels) of a merged model's test split, batch by batch, from the HDF5 its run split
+    (checked to be that file: its row count and its validation records' names)."""
+    import h5py
+    import numpy as np
+
+    from ecg_dataset import record_names
+
+    path, test = Path(split["h5"]), np.sort(split["test"].numpy())
+    names = record_names(path, split["validation"].numpy()) if path.is_file() else None
+    if names is None or names != split["validation_names"]:
+        raise ValueError(f"{path} is not the HDF5 the model's run split (missing, or other records)")
+    with h5py.File(path, "r") as f:
+        if len(f["label_set"]) != split["rows"]:
+            raise ValueError(f"{path} has {len(f['label_set'])} records; the model's run split {split['rows']}")
+        for start in range(0, len(test), batch_size):
+            rows = test[start:start + batch_size]
+            yield f["record_set"][rows], f["label_set"][rows]
+
+
+def _interleaved_times(runners, record, repeats):
+    """{key: seconds of each of `repeats` calls of runners[key](record)}, after one warm-up round; the
+    runners take turns, round after round in alternating order, so load from elsewhere falls on all."""
+    times = {key: [] for key in runners}
+    for round_ in range(repeats + 1):
+        for key in (list(runners) if round_ % 2 else list(runners)[::-1]):
+            seconds, _ = _timed_calls(lambda i: runners[key](record), 1)
+            if round_:
+                times[key] += seconds
+    return times
+
+
+def _deployed_rows(merged_files, repeats):
+    """Each trained student (merged file) as deployed: eager PyTorch, and its float32 and int8 ONNX
+    files as predict.py --export --int8 writes them (calibrated on its validation split). Latency on
+    one CPU thread at batch 1, all runtimes of all students interleaved in this process, best (and
+    median) of `repeats`; then again with denormal floats flushed to zero on that thread
+    (`best_ms_flushed`): exponentials of masked attention scores are denormal, and x86 computes with
+    them many times slower. Peak memory of loading and one record, each in a fresh process; test
+    macro AUROC and Challenge score on the same test records."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    import evaluation
+    import pipeline_ecg
+    import predict
+
+    rows, runners = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, merged in enumerate(merged_files):
+            model = predict.load_model(merged, torch.device("cpu"))
+            name = model.config if not any(key.startswith(f"{model.config} ") for key in rows) else str(merged)
+            float_path = Path(tmp) / f"student{index}.onnx"
+            predict.export_onnx(model, float_path, predict.calibration_source(model, None))
+            paths = {"eager": Path(merged), "float32": float_path, "int8": predict.int8_path(float_path)}
+            memory = _measure_in_fresh_processes("inference", [f"deployed:{r}:{p}" for r, p in paths.items()], [])
+            scores = {runtime: [] for runtime in paths}
+            labels = []
+            run = {runtime: _deployed_runner(runtime, p) for runtime, p in paths.items()}
+            for inputs, batch_labels in _test_batches(model.split, DEPLOYED_BATCH):
+                labels.append(batch_labels)
+                for runtime in paths:
+                    scores[runtime].append(run[runtime](inputs))
+            labels = np.concatenate(labels).astype(np.float64)
+            for runtime, p in paths.items():
+                probs = np.concatenate(scores[runtime])
+                row = rows[f"{name} {runtime}"] = {
+                    "peak_mb": memory[f"deployed:{runtime}:{p}"]["peak_mb"],
+                    "test_auroc": evaluation.evaluate(labels, probs, thresholds=model.thresholds)["auc_roc_macro"],
+                    "test_challenge": pipeline_ecg.challenge_score(labels, probs >= model.thresholds,
+                                                                   model.class_codes)}
+                if runtime != "eager":
+                    row["file_kb"] = p.stat().st_size / 1024
+                runners[f"{name} {runtime}"] = run[runtime]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        record = np.random.default_rng(0).standard_normal((1, 12, 1, MODEL_SAMPLES), dtype=np.float32)
+        times = _interleaved_times(runners, record, repeats)
+        torch.set_flush_denormal(True)
+        flushed = _interleaved_times(runners, record, repeats)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    for key, row in rows.items():
+        row.update(best_ms_per_record=1000 * min(times[key]), ms_per_record=1000 * statistics.median(times[key]),
+                   best_ms_flushed=1000 * min(flushed[key]))
+    for name in dict.fromkeys(key.rsplit(" ", 1)[0] for key in rows):
+        eager, float32, int8 = (rows[f"{name} {runtime}"] for runtime in DEPLOYED_RUNTIMES)
+        float32["speedup_vs_eager"] = eager["best_ms_per_record"] / float32["best_ms_per_record"]
+        int8["latency_vs_float32"] = int8["best_ms_per_record"] / float32["best_ms_per_record"]
+        int8["flushed_vs_float32"] = int8["best_ms_flushed"] / float32["best_ms_flushed"]
+        int8["size_vs_float32"] = int8["file_kb"] / float32["file_kb"]
+        int8["auroc_vs_float32"] = int8["test_auroc"] - float32["test_auroc"]
+        int8["challenge_vs_float32"] = int8["test_challenge"] - float32["test_challenge"]
+    return rows
+
+
 @section("inference")
 def inference_section(args):
     """Fine-tuned teacher vs distilled student(s) at inference: latency per record and peak memory.
@@ -525,16 +661,23 @@ def inference_section(args):
     deployed); --threads 1 times one CPU thread. Then the first student as predict.py exports it,
     under ONNX Runtime, beside eager PyTorch: on the CPU, one thread each, the best of ONNX_REPEATS
     (--repeats to change), `speedup_vs_eager` comparing the best times.
+    With --student_model (trained students' merged files) instead: each as deployed, eager, float32
+    ONNX and int8 ONNX (_deployed_rows), the best of DEPLOYED_REPEATS (--repeats to change).
     """
     from helper_code import get_device
 
     device = get_device(args.device)
     batch, repeats = args.batch or 1, args.repeats or INFERENCE_REPEATS
+    if args.method and args.method.startswith("deployed:"):
+        _, runtime, path = args.method.split(":", 2)
+        return {args.method: _deployed_memory(runtime, path)}
     if args.method:
         config, _, runtime = args.method.partition("_")
         if runtime == ONNX_RUNTIME:
             return {args.method: _onnx_runtime_figures(config, batch, repeats)}
         return {args.method: _inference_figures(args.method, device, batch, repeats, args.threads)}
+    if args.student_model:
+        return _deployed_rows(args.student_model, args.repeats or DEPLOYED_REPEATS)
     students = args.student_config or ["tinylight"]
     configs = {"teacher": args.config or ("medium" if device.type == "cuda" else "base")}
     configs.update({"student" if len(students) == 1 else f"student {name}": name for name in students})
@@ -774,6 +917,25 @@ def memory_section(args):
     return results
 
 
+def _merged_student(text):
+    """argparse type: a merged model file that names its validation and test split."""
+    import torch
+
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise argparse.ArgumentTypeError(f"{text} is not a model file torch can read") from None
+    if not (isinstance(saved, dict) and "model" in saved and "result" in saved):
+        raise argparse.ArgumentTypeError(f"{text} is not a merged model file (merged_*.pt)")
+    if "split" not in saved["model"]:
+        raise argparse.ArgumentTypeError(f"{text} names no validation and test split (written before merged files "
+                                         f"named theirs): train the stage again")
+    return path
+
+
 def build_parser():
     from helper_code import FlagParser, int_at_least
     from model_src_ecg import MODEL_CONFIGS
@@ -785,6 +947,9 @@ def build_parser():
     parser.add_argument("--config", default=None, choices=list(MODEL_CONFIGS), help="model config (default: per section)")
     parser.add_argument("--student-config", nargs="+", default=None, choices=list(MODEL_CONFIGS),
                         help="student config(s) to compare (inference and memory sections; default tinylight)")
+    parser.add_argument("--student_model", "--student-model", nargs="+", default=None, type=_merged_student,
+                        metavar="MERGED.pt", help="trained students' merged files: each as deployed, eager, float32 "
+                                                  "and int8 ONNX (inference section)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op CPU threads (inference section)")
     parser.add_argument("--batch", type=int_at_least(1), default=None, help="batch size (default: per section)")
     parser.add_argument("--bp-batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")

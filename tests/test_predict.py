@@ -692,3 +692,23 @@ def test_plot_title_names_each_class_labelled_1():
     assert predict.plot_title("HR00001", ["AF", "NSR", "SB"], [True, False, True], [0.91234, 0.6, 0.5]) == \
         "HR00001:  AF 0.912,  SB 0.500"
     assert predict.plot_title("E1", ["AF"], [False], [0.1]) == "E1:  no class at or above its threshold"
+
+
+def test_benchmark_measures_a_student_as_deployed(trained, tmp_path):
+    """benchmark.py inference --student_model: eager, float32 and int8 ONNX of one trained student, its
+    test records scored by each; eager gives the run's own test figures."""
+    import benchmark
+
+    results = benchmark.main(["inference", "--student_model", str(trained.student), "--repeats", "3", "--json",
+                              str(tmp_path / "inference.json")])
+    assert json.loads((tmp_path / "inference.json").read_text()) == {"inference": results}
+    eager, float32, int8 = (results[f"{CONFIG} {runtime}"] for runtime in ("eager", "float32", "int8"))
+    assert len(results) == 3
+    assert eager["test_auroc"] == pytest.approx(trained.result["auc_roc_macro"], abs=1e-6)
+    assert eager["test_challenge"] == pytest.approx(trained.result["challenge_score"], abs=1e-6)
+    assert float32["test_auroc"] == pytest.approx(eager["test_auroc"], abs=1e-4)
+    assert int8["auroc_vs_float32"] == pytest.approx(int8["test_auroc"] - float32["test_auroc"])
+    assert int8["size_vs_float32"] == pytest.approx(int8["file_kb"] / float32["file_kb"]) and int8["file_kb"] < 0.4 * \
+        float32["file_kb"]
+    for row in (eager, float32, int8):
+        assert row["peak_mb"] > 0 and np.isfinite([row["best_ms_per_record"], row["best_ms_flushed"]]).all()
