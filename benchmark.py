@@ -515,7 +515,7 @@ def _onnx_runtime_rows(student, batch, repeats):
 
 
 DEPLOYED_REPEATS = 300      # deployed students: every runtime's best of this many, the runtimes interleaved
-DEPLOYED_RUNTIMES = ("eager", "float32", "int8")
+DEPLOYED_RUNTIMES = ("eager", "float32", "int8", "int8_all")    # int8_all: nothing kept float32 (the ablation)
 DEPLOYED_BATCH = 64         # test records scored together for the accuracy figures
 
 
@@ -585,9 +585,10 @@ def _interleaved_times(runners, record, repeats):
 
 def _deployed_rows(merged_files, repeats):
     """Each trained student (merged file) as deployed: eager PyTorch, and its float32 and int8 ONNX
-    files as predict.py --export --int8 writes them (calibrated on its validation split). Latency on
-    one CPU thread at batch 1, all runtimes of all students interleaved in this process, best (and
-    median) of `repeats`; then again with denormal floats flushed to zero on that thread
+    files as predict.py --export --int8 writes them (calibrated on its validation split), beside
+    `int8_all`, the same quantization with nothing kept float32 (what predict.float_nodes saves).
+    Latency on one CPU thread at batch 1, all runtimes of all students interleaved in this process,
+    best (and median) of `repeats`; then again with denormal floats flushed to zero on that thread
     (`best_ms_flushed`): exponentials of masked attention scores are denormal, and x86 computes with
     them many times slower. Peak memory of loading and one record, each in a fresh process; test
     macro AUROC and Challenge score on the same test records."""
@@ -608,7 +609,9 @@ def _deployed_rows(merged_files, repeats):
             name = model.config if not any(key.startswith(f"{model.config} ") for key in rows) else str(merged)
             float_path = Path(tmp) / f"student{index}.onnx"
             predict.export_onnx(model, float_path, predict.calibration_source(model, None))
-            paths = {"eager": Path(merged), "float32": float_path, "int8": predict.int8_path(float_path)}
+            paths = {"eager": Path(merged), "float32": float_path, "int8": predict.int8_path(float_path),
+                     "int8_all": Path(tmp) / f"student{index}.all.onnx"}
+            predict.quantize_int8(float_path, paths["int8_all"], predict.calibration_source(model, None), kept={})
             memory = _measure_in_fresh_processes("inference", [f"deployed:{r}:{p}" for r, p in paths.items()], [])
             scores = {runtime: [] for runtime in paths}
             labels = []
@@ -640,13 +643,14 @@ def _deployed_rows(merged_files, repeats):
         row.update(best_ms_per_record=1000 * min(times[key]), ms_per_record=1000 * statistics.median(times[key]),
                    best_ms_flushed=1000 * min(flushed[key]))
     for name in dict.fromkeys(key.rsplit(" ", 1)[0] for key in rows):
-        eager, float32, int8 = (rows[f"{name} {runtime}"] for runtime in DEPLOYED_RUNTIMES)
+        eager, float32 = rows[f"{name} eager"], rows[f"{name} float32"]
         float32["speedup_vs_eager"] = eager["best_ms_per_record"] / float32["best_ms_per_record"]
-        int8["latency_vs_float32"] = int8["best_ms_per_record"] / float32["best_ms_per_record"]
-        int8["flushed_vs_float32"] = int8["best_ms_flushed"] / float32["best_ms_flushed"]
-        int8["size_vs_float32"] = int8["file_kb"] / float32["file_kb"]
-        int8["auroc_vs_float32"] = int8["test_auroc"] - float32["test_auroc"]
-        int8["challenge_vs_float32"] = int8["test_challenge"] - float32["test_challenge"]
+        for int8 in (rows[f"{name} int8"], rows[f"{name} int8_all"]):
+            int8["latency_vs_float32"] = int8["best_ms_per_record"] / float32["best_ms_per_record"]
+            int8["flushed_vs_float32"] = int8["best_ms_flushed"] / float32["best_ms_flushed"]
+            int8["size_vs_float32"] = int8["file_kb"] / float32["file_kb"]
+            int8["auroc_vs_float32"] = int8["test_auroc"] - float32["test_auroc"]
+            int8["challenge_vs_float32"] = int8["test_challenge"] - float32["test_challenge"]
     return rows
 
 

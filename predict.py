@@ -163,8 +163,8 @@ def onnx_model(path):
     metadata = session.get_modelmeta().custom_metadata_map
     missing = [key for key in ONNX_METADATA if key not in metadata]
     if missing:
-        raise ValueError(f"argument --model: {path} lacks the metadata predict.py --export writes ({', '.join(missing)}); "
-                         f"export the model with predict.py")
+        raise ValueError(f"argument --model: {path} lacks the metadata predict.py --export writes "
+                         f"({', '.join(missing)}); export the model with predict.py")
     inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if inputs != [ONNX_INPUT] or ONNX_OUTPUTS[0] not in outputs:
         raise ValueError(f"argument --model: {path} takes {', '.join(inputs)} and gives {', '.join(outputs)}; a file "
@@ -264,7 +264,8 @@ def h5_source(path, model, only=None, flag="--records"):
     try:
         with h5py.File(path, "r") as f:
             missing = [key for key in ("record_set", "record_names") if key not in f]
-            all_names = [] if missing else [n.decode() if isinstance(n, bytes) else str(n) for n in f["record_names"][:]]
+            stored = [] if missing else f["record_names"][:]
+            all_names = [n.decode() if isinstance(n, bytes) else str(n) for n in stored]
             applied = json.loads(f.attrs["preprocessing"]) if "preprocessing" in f.attrs else None
     except OSError as error:
         raise ValueError(f"argument {flag}: {path} is not a readable HDF5 file ({error})") from None
@@ -496,8 +497,8 @@ def calibration_source(model, path):
     if path is None:
         path = Path(split["h5"])
         if not path.is_file():
-            raise ValueError(f"argument --calibrate: needed, since {path}, the HDF5 the model's run split, is not there: "
-                             f"give it, or a folder holding the model's validation records")
+            raise ValueError(f"argument --calibrate: needed, since {path}, the HDF5 the model's run split, is not "
+                             f"there: give it, or a folder holding the model's validation records")
     source = record_source(path, model, only=set(names), flag="--calibrate")
     if source.total == 0:
         raise ValueError(f"argument --calibrate: none of the {len(names)} records the model was validated on "
@@ -575,7 +576,8 @@ def quantize_int8(float_path, out_path, calibration, kept):
     onnx.helper.set_model_props(quantized, {**metadata, "quantization": json.dumps(how)})
     onnx.save(quantized, str(out_path))
     log.info("int8: calibrated on %d records; kept in float32: %s", reader.records,
-             ", ".join(f"{what} ({count} nodes)" for what, count in sorted(collections.Counter(kept.values()).items())))
+             ", ".join(f"{what} ({count} nodes)" for what, count in sorted(collections.Counter(kept.values()).items()))
+             or "nothing")
 
 
 def missing_onnx_packages(packages=ONNX_PACKAGES):

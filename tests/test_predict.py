@@ -349,8 +349,8 @@ def test_a_reduced_lead_student_needs_only_its_leads(trained, tiny_demo, tmp_pat
     (["--model", "{model}", "--records", "{model}"], "argument --records: expected a folder of Challenge records"),
     (["--model", "{model}"], "one of the arguments --records --export is required"),
     (["--model", "{model}", "--records", ".", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
-    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge-outputs/--plot: only with"),
-    (["--model", "{model}", "--export", "x.onnx", "--plot", "pictures"], "argument --out/--challenge-outputs/--plot: only"),
+    (["--model", "{model}", "--export", "x.onnx", "--out", "p.csv"], "argument --out/--challenge-outputs/--plot: only"),
+    (["--model", "{model}", "--export", "x.onnx", "--plot", "pics"], "argument --out/--challenge-outputs/--plot: only"),
     (["--model", "{model}", "--records", ".", "--int8"], "argument --int8: only with --export"),
     (["--model", "{model}", "--export", "x.onnx", "--calibrate", "."], "argument --calibrate: only with --int8"),
     (["--model", "{garbage_onnx}", "--export", "x.onnx"], "argument --export: {garbage_onnx} is already ONNX"),
@@ -579,9 +579,10 @@ def test_calibration_takes_the_validation_records_only(trained, tiny_demo, tmp_p
     assert model.split["seed"] == SEED and model.split["rows"] == len(demo_h5(tiny_demo)[0])
     default = predict.calibration_source(model, None)
     assert default.path == tiny_demo["challenge_h5"] and default.total == len(valid)
-    assert [n for b in default.batches(5) for n in b.names] == sorted(valid, key=valid.index)
+    assert [n for b in default.batches(5) for n in b.names] == valid      # in file order
     folder = copy_records(tiny_demo, valid[:3] + test[:5], tmp_path / "mixed")
-    assert sorted(n for b in predict.calibration_source(model, folder).batches(32) for n in b.names) == sorted(valid[:3])
+    mixed = predict.calibration_source(model, folder)
+    assert sorted(n for b in mixed.batches(32) for n in b.names) == sorted(valid[:3])
     copy_records(tiny_demo, test[:5], tmp_path / "test_only")
     with pytest.raises(ValueError, match=f"none of the {len(valid)} records the model was validated on"):
         predict.calibration_source(model, tmp_path / "test_only")
@@ -695,20 +696,23 @@ def test_plot_title_names_each_class_labelled_1():
 
 
 def test_benchmark_measures_a_student_as_deployed(trained, tmp_path):
-    """benchmark.py inference --student_model: eager, float32 and int8 ONNX of one trained student, its
-    test records scored by each; eager gives the run's own test figures."""
+    """benchmark.py inference --student_model: eager, float32 and int8 ONNX of one trained student (and
+    int8 with nothing kept float32), its test records scored by each; eager gives the run's own test
+    figures."""
     import benchmark
 
     results = benchmark.main(["inference", "--student_model", str(trained.student), "--repeats", "3", "--json",
                               str(tmp_path / "inference.json")])
     assert json.loads((tmp_path / "inference.json").read_text()) == {"inference": results}
-    eager, float32, int8 = (results[f"{CONFIG} {runtime}"] for runtime in ("eager", "float32", "int8"))
-    assert len(results) == 3
+    eager, float32, int8, int8_all = (results[f"{CONFIG} {runtime}"]
+                                      for runtime in ("eager", "float32", "int8", "int8_all"))
+    assert len(results) == 4
     assert eager["test_auroc"] == pytest.approx(trained.result["auc_roc_macro"], abs=1e-6)
     assert eager["test_challenge"] == pytest.approx(trained.result["challenge_score"], abs=1e-6)
     assert float32["test_auroc"] == pytest.approx(eager["test_auroc"], abs=1e-4)
     assert int8["auroc_vs_float32"] == pytest.approx(int8["test_auroc"] - float32["test_auroc"])
     assert int8["size_vs_float32"] == pytest.approx(int8["file_kb"] / float32["file_kb"]) and int8["file_kb"] < 0.4 * \
         float32["file_kb"]
-    for row in (eager, float32, int8):
+    assert int8_all["test_auroc"] != int8["test_auroc"]      # the head outputs quantized too: other scores
+    for row in (eager, float32, int8, int8_all):
         assert row["peak_mb"] > 0 and np.isfinite([row["best_ms_per_record"], row["best_ms_flushed"]]).all()
