@@ -591,7 +591,8 @@ def _deployed_rows(merged_files, repeats):
     best (and median) of `repeats`; then again with denormal floats flushed to zero on that thread
     (`best_ms_flushed`): exponentials of masked attention scores are denormal, and x86 computes with
     them many times slower. Peak memory of loading and one record, each in a fresh process; test
-    macro AUROC and Challenge score on the same test records."""
+    macro AUROC and Challenge score on the same test records, and how many distinct probabilities
+    a class gets there (median over classes)."""
     import statistics
     import tempfile
 
@@ -628,6 +629,8 @@ def _deployed_rows(merged_files, repeats):
                     "test_auroc": evaluation.evaluate(labels, probs, thresholds=model.thresholds)["auc_roc_macro"],
                     "test_challenge": pipeline_ecg.challenge_score(labels, probs >= model.thresholds,
                                                                    model.class_codes)}
+                # median over classes of the distinct probabilities: int8 probabilities come in 256 steps
+                row["distinct_probabilities"] = float(np.median([len(np.unique(column)) for column in probs.T]))
                 if runtime != "eager":
                     row["file_kb"] = p.stat().st_size / 1024
                 runners[f"{name} {runtime}"] = run[runtime]

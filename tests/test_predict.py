@@ -713,6 +713,6 @@ def test_benchmark_measures_a_student_as_deployed(trained, tmp_path):
     assert int8["auroc_vs_float32"] == pytest.approx(int8["test_auroc"] - float32["test_auroc"])
     assert int8["size_vs_float32"] == pytest.approx(int8["file_kb"] / float32["file_kb"]) and int8["file_kb"] < 0.4 * \
         float32["file_kb"]
-    assert int8_all["test_auroc"] != int8["test_auroc"]      # the head outputs quantized too: other scores
+    assert int8["distinct_probabilities"] > 2 * int8_all["distinct_probabilities"]   # head outputs int8: 256 steps
     for row in (eager, float32, int8, int8_all):
         assert row["peak_mb"] > 0 and np.isfinite([row["best_ms_per_record"], row["best_ms_flushed"]]).all()
