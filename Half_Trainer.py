@@ -7,7 +7,11 @@ the first `bp_batch` samples. Per tensor of the ZO set the two estimates are fus
 
     g = c · g_fo + (1 − c) · ‖g_fo‖ · g_zo / (‖g_zo‖ + 1e-6),     g_zo = (L+ − L−) / (2ε) · z
 
-so the ZO direction carries the whole batch's information and the FO gradient sets its scale.
+so the ZO direction carries the whole batch's information and the FO gradient sets its scale
+(`fusion` names two other rules, below). The two heads are outside the ZO set; by default
+(head_rule "whole_batch", the parent repository's rule) they learn from the whole batch's loss on
+the trunk's frozen features, taken during the second ZO pass at no extra forward; head_rule
+"bp_batch" (the AdaGrad-Fusion fork's) gives them the FO gradient of the bp_batch samples.
 g_zo is the plain two-point estimate unless `zo_estimator` names one of the newer estimators
 (ESTIMATORS; each is described at its step: `hizoo_step`, `sparse_mezo_step`, `fzoo_step`).
 
@@ -35,6 +39,11 @@ COEF_EARLY, COEF_LATE, COEF_SWITCH = 0.99, 0.9, 0.2   # c while current/total < 
 NORM_EPS = 1e-6
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 PERTURBATIONS = ("gaussian", "rademacher")
+# where H-Tuning's heads learn: the whole batch on frozen features (parent repository), or the
+# bp_batch samples of the FO pass (the fork)
+HEAD_RULES = ("whole_batch", "bp_batch")
+# how H-Tuning fuses g_fo and g_zo of the ZO set; `htuning_step` defines each
+FUSIONS = ("normalized", "agreement", "projection")
 # HiZOO probes coordinate i at ε / sqrt(max(|D_i|, floor)): at most 10x MeZO's radius where the
 # curvature estimate D_i has drifted towards zero, so the finite differences stay local
 HESSIAN_FLOOR = 1e-2
@@ -44,6 +53,7 @@ HESSIAN_FLOOR = 1e-2
 METHODS = {
     "htuning": "lora",      # fused ZO (whole batch) + FO (first bp_batch samples)
     "lora_bp": "lora",      # backprop
+    "lora_bp_accum": "lora",  # backprop in micro-batches of bp_batch: H-Tuning's FO memory, the whole batch's gradient
     "ft": "all",            # backprop, every parameter (the student trains this way too)
     "zo": "lora",           # MeZO: two-point ZO for the trunk, heads by backprop on frozen features
     "zo_sign": "lora",      # ZO-sign: sign of the two-point estimate
@@ -72,6 +82,8 @@ class StepConfig:
     gradient_sparsity: object         # None, a fraction of z to zero, or {parameter name: fraction}
     perturbation_mode: str            # "gaussian" or "rademacher" z
     coef: float | None                # H-Tuning's c; None: the schedule (0.99, then 0.9 after 20%)
+    head_rule: str                    # H-Tuning's heads: a name in HEAD_RULES
+    fusion: str                       # H-Tuning's fusion of g_fo and g_zo: a name in FUSIONS
     zo_estimator: str                 # H-Tuning's g_zo: a name in ESTIMATORS
     hizoo_smoothing: float            # HiZOO: α, weight of each new Hessian estimate in the moving average
     sparse_mezo_sparsity: float       # Sparse MeZO: fraction of each ZO tensor (largest |w|) left out
@@ -83,6 +95,14 @@ class StepConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.perturbation_mode not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation_mode {self.perturbation_mode!r}; choose from {PERTURBATIONS}")
+        if self.head_rule not in HEAD_RULES:
+            raise ValueError(f"unknown head_rule {self.head_rule!r}; choose from {', '.join(HEAD_RULES)}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose from {', '.join(FUSIONS)}")
+        if self.fusion == "projection" and self.method == "htuning" and (self.zo_estimator != "two_point"
+                                                                         or int(self.q) != 1):
+            raise ValueError("fusion projection corrects g_fo along the one direction z of the two-point estimate: "
+                             "use zo_estimator two_point and q 1")
         if self.zo_estimator not in ESTIMATORS:
             raise ValueError(f"unknown zo_estimator {self.zo_estimator!r}; choose from {', '.join(ESTIMATORS)}")
         if int(self.q) < 1:
@@ -187,7 +207,8 @@ class HalfTrainer:
         self.model, self.optimizer, self.lr_scheduler, self.cfg = model, optimizer, lr_scheduler, cfg
         self._steps = {"htuning": self.htuning_step, "zo": self.zo_step, "zo_sign": self.zo_step,
                        "hizoo": self.hizoo_step, "sparse_mezo": self.sparse_mezo_step, "fzoo": self.fzoo_step,
-                       "lora_bp": self.backprop_step, "ft": self.backprop_step, "probe": self.probe_step}
+                       "lora_bp": self.backprop_step, "lora_bp_accum": self.accumulation_step,
+                       "ft": self.backprop_step, "probe": self.probe_step}
         self.last_seed = None
         self.last_projected_grad = None
         self.last_zo_grad = {}
@@ -197,6 +218,7 @@ class HalfTrainer:
         named = zo_parameters(model) if cfg.uses_zo else []
         self.zo_names = [n for n, _ in named]
         self.zo_params = [p for _, p in named]
+        self.head_params = [p for n, p in model.named_parameters() if p.requires_grad and belongs_to_heads(n)]
         self._hessian_flat = self._frozen_flat = None
         if cfg.uses_zo and not self.zo_params:
             raise ValueError("no trainable parameter outside the heads: nothing for the ZO estimate")
@@ -249,9 +271,20 @@ class HalfTrainer:
         return [float(sparsity.get(name, 0.0)) for name in self.zo_names]
 
     # ------------------------------------------------------------------ the shared pieces
-    def _loss(self, inputs, labels, soft_targets=None):
-        aux, main = self.model(inputs)
-        return compute_loss(aux, main, labels, self.cfg.aux_weight, soft_targets)
+    def _loss(self, inputs, labels, soft_targets=None, heads_backward=False):
+        """The loss; with heads_backward, also its gradient for the two heads alone, accumulated in
+        their .grad: the trunk runs without a graph (its features are frozen), the heads with one.
+        The value is the same either way."""
+        if not heads_backward or not self.head_params:
+            aux, main = self.model(inputs)
+            return compute_loss(aux, main, labels, self.cfg.aux_weight, soft_targets)
+        with torch.no_grad():
+            features = self.model.feature_extraction(inputs)
+        with torch.enable_grad():
+            aux, main = self.model.heads(features)
+            loss = compute_loss(aux, main, labels, self.cfg.aux_weight, soft_targets)
+            loss.backward()
+        return loss.detach()
 
     def _new_seed(self):
         self.last_seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
@@ -277,9 +310,15 @@ class HalfTrainer:
             scale = torch.abs(self._hessian_flat, out=self._backup_flat)
             self._z_flat.mul_(scale.clamp_min_(HESSIAN_FLOOR).rsqrt_())
 
+    def _redraw_z(self):
+        """z of the last two-point estimate again, from its seed (the estimate overwrote its buffer)."""
+        self._z_generator.manual_seed(self.last_seed)
+        self._fill_z(rademacher=self.cfg.perturbation_mode == "rademacher")
+
     @torch.no_grad()
-    def _two_point(self, inputs, labels):
-        """L(θ+εz) and L(θ−εz) for a fresh z, as 0-dim tensors; the ZO set is restored bit-exactly."""
+    def _two_point(self, inputs, labels, heads_backward=False):
+        """L(θ+εz) and L(θ−εz) for a fresh z, as 0-dim tensors; the ZO set is restored bit-exactly.
+        heads_backward: the second pass also gives the heads their gradient (see _loss)."""
         eps = self.cfg.zo_eps
         self._draw_z()
         torch._foreach_copy_(self._backup, self.zo_params)
@@ -287,7 +326,7 @@ class HalfTrainer:
             torch._foreach_add_(self.zo_params, self.z, alpha=eps)
             loss_plus = self._loss(inputs, labels)
             torch._foreach_add_(self.zo_params, self.z, alpha=-2 * eps)
-            loss_minus = self._loss(inputs, labels)
+            loss_minus = self._loss(inputs, labels, heads_backward=heads_backward)
         torch._foreach_copy_(self.zo_params, self._backup)
         return loss_plus, loss_minus
 
@@ -319,28 +358,32 @@ class HalfTrainer:
         self._mask_ready = True
 
     @torch.no_grad()
-    def zo_gradient(self, inputs, labels, use_sign=False, current=0):
+    def zo_gradient(self, inputs, labels, use_sign=False, current=0, train_heads=False):
         """The ZO passes alone: g_zo for the ZO set by cfg.estimator (two-point ones averaged over
-        q directions) and the loss; `current` (the iteration) times Sparse MeZO's mask.
+        q directions) and the loss; `current` (the iteration) times Sparse MeZO's mask. With
+        train_heads, one of the passes (L(θ) where the estimator evaluates it, else the first
+        L(θ−εz)) also accumulates the heads' gradient of the whole batch's loss on its features.
 
         Also kept as `last_zo_grad` / `last_projected_grad`; the ZO set is left bit-identical.
         The loss is L(θ) where the estimator evaluates it (HiZOO, FZOO), else the mean of L±.
         """
         estimator = self.cfg.estimator
         if estimator == "fzoo":
-            return self._fzoo_gradient(inputs, labels)
+            return self._fzoo_gradient(inputs, labels, train_heads)
         if estimator == "sparse_mezo" and (not self._mask_ready or current % self.cfg.sparse_mezo_interval == 0):
             self._refresh_mask()
         loss_at_theta = None
         if estimator == "hizoo":
             with module_modes(self.model, "zo"):
-                loss_at_theta = float(self._loss(inputs, labels))
+                loss_at_theta = float(self._loss(inputs, labels, heads_backward=train_heads))
+            train_heads = False
         q = int(self.cfg.q)
         if q > 1:
             self._zo_sum_flat.zero_()
         projections, losses = [], []
         for _ in range(q):
-            loss_plus, loss_minus = self._two_point(inputs, labels)
+            loss_plus, loss_minus = self._two_point(inputs, labels, heads_backward=train_heads)
+            train_heads = False
             projected = float((loss_plus - loss_minus) / (2 * self.cfg.zo_eps))
             if loss_at_theta is not None:
                 self._update_hessian(float(loss_plus) + float(loss_minus) - 2 * loss_at_theta)
@@ -357,16 +400,17 @@ class HalfTrainer:
         return grads, sum(losses) / q if loss_at_theta is None else loss_at_theta
 
     @torch.no_grad()
-    def _fzoo_gradient(self, inputs, labels):
+    def _fzoo_gradient(self, inputs, labels, train_heads=False):
         """FZOO's estimate: ĝ = (1/N) Σ_i (L(θ + ε u_i) − L(θ)) / ε · u_i over N Rademacher u_i,
-        drawn in turn from one seed; also the spread (standard deviation) of the N losses."""
+        drawn in turn from one seed; also the spread (standard deviation) of the N losses. With
+        train_heads, the L(θ) pass gives the heads their gradient."""
         eps, directions = self.cfg.zo_eps, int(self.cfg.fzoo_directions)
         self._new_seed()
         self._zo_sum_flat.zero_()
         torch._foreach_copy_(self._backup, self.zo_params)
         losses = []
         with module_modes(self.model, "zo"):
-            loss_at_theta = float(self._loss(inputs, labels))
+            loss_at_theta = float(self._loss(inputs, labels, heads_backward=train_heads))
             for _ in range(directions):
                 self._fill_z(rademacher=True)
                 torch._foreach_add_(self.zo_params, self.z, alpha=eps)
@@ -377,47 +421,74 @@ class HalfTrainer:
         self.last_zo_grad = dict(zip(self.zo_names, self._zo_sum))
         return self._zo_sum, loss_at_theta
 
-    def _head_gradients(self, inputs, labels):
-        """The heads' FO gradient of the full-batch loss on the trunk's features, taken without a
-        graph (the trunk in its ZO modes): the ZO steps train the heads this way."""
-        with module_modes(self.model, "zo"):
-            with torch.no_grad():
-                features = self.model.feature_extraction(inputs)
-            aux, main = self.model.heads(features)
-            compute_loss(aux, main, labels, self.cfg.aux_weight).backward()
-
     def _apply(self):
         self.optimizer.step()
         self.lr_scheduler.step()
 
     # ------------------------------------------------------------------ the steps
     def htuning_step(self, inputs, labels, current, total, soft_targets=None):
-        """H-Tuning: ZO over the whole batch for the trunk, FO over the first bp_batch samples, fused."""
-        g_zo, loss = self.zo_gradient(inputs, labels, current=current)
+        """H-Tuning: ZO over the whole batch for the trunk, FO over the first bp_batch samples, fused.
+
+        The heads (head_rule): "whole_batch" takes their gradient of the whole batch's loss on
+        frozen features in the second ZO pass, and the FO pass trains only the ZO set;
+        "bp_batch" takes theirs from the FO pass. The ZO set's gradient (fusion), per tensor t:
+          normalized:  g_t = c · g_fo + (1 − c) · ‖g_fo‖ · g_zo / (‖g_zo‖ + 1e-6)      (the paper's)
+          agreement:   the same with c_t = 1 − (1 − c) · max(0, cos(g_fo, g_zo)): the ZO share
+                       shrinks where the two directions disagree, and is c's where they coincide;
+          projection:  g = g_fo + (p − z·g_fo) / ‖z‖² · z over the whole ZO set, where p = (L+ − L−)/(2ε)
+                       is the whole batch's derivative along z: the FO estimate's component along z
+                       replaced by the measured one (c is not used).
+        """
+        whole_batch_heads = self.cfg.head_rule == "whole_batch"
         self.optimizer.zero_grad(set_to_none=True)
+        g_zo, loss = self.zo_gradient(inputs, labels, current=current, train_heads=whole_batch_heads)
+        head_grads = [p.grad for p in self.head_params] if whole_batch_heads else None
+        for p in self.head_params:  # else the FO pass's backward would add into the kept gradients
+            p.grad = None
         bp = self.cfg.bp_batch
         with module_modes(self.model, "fo"), recomputing(self.model):
             self._loss(inputs[:bp], labels[:bp]).backward()
-        c = self.last_coef = self.cfg.coef if self.cfg.coef is not None else mixing_coefficient(current, total)
+        if head_grads is not None:
+            for p, g in zip(self.head_params, head_grads):
+                p.grad = g
+        c = self.cfg.coef if self.cfg.coef is not None else mixing_coefficient(current, total)
         with torch.no_grad():
             g_fo = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.zo_params]
-            fo_norms = torch._foreach_norm(g_fo)
-            zo_norms = torch._foreach_norm(g_zo)
-            scales = [(1 - c) * f / (z + NORM_EPS) for f, z in zip(fo_norms, zo_norms)]
-            torch._foreach_mul_(g_fo, c)
-            torch._foreach_addcmul_(g_fo, g_zo, scales)
+            self.last_coef = self._fuse(g_fo, g_zo, c)
             for p, g in zip(self.zo_params, g_fo):
                 p.grad = g
         self._apply()
         return loss
 
+    def _fuse(self, g_fo, g_zo, c):
+        """g_fo becomes the fused gradient of cfg.fusion (see htuning_step), in place; returns the
+        FO weight used (its mean over tensors for agreement; None for projection)."""
+        if self.cfg.fusion == "projection":
+            self._redraw_z()
+            fo_along_z = sum(torch.dot(z.view(-1), g.view(-1)) for z, g in zip(self.z, g_fo))
+            along = (self.last_projected_grad - fo_along_z) / self._z_flat.square().sum()
+            torch._foreach_addcmul_(g_fo, self.z, [along] * len(g_fo))
+            return None
+        fo_norms = torch._foreach_norm(g_fo)
+        zo_norms = torch._foreach_norm(g_zo)
+        if self.cfg.fusion == "agreement":
+            cosines = [torch.dot(f.view(-1), z.view(-1)) / (fn * zn + NORM_EPS)
+                       for f, z, fn, zn in zip(g_fo, g_zo, fo_norms, zo_norms)]
+            coefs = [1 - (1 - c) * cos.clamp(min=0) for cos in cosines]
+        else:
+            coefs = [torch.tensor(c, dtype=g_fo[0].dtype, device=g_fo[0].device)] * len(g_fo)
+        scales = [(1 - ct) * f / (z + NORM_EPS) for ct, f, z in zip(coefs, fo_norms, zo_norms)]
+        torch._foreach_mul_(g_fo, coefs)
+        torch._foreach_addcmul_(g_fo, g_zo, scales)
+        return c if self.cfg.fusion == "normalized" else float(torch.stack(coefs).mean())
+
     def zo_step(self, inputs, labels, current=0, total=1, soft_targets=None):
         """MeZO (ZO-sign when the method is "zo_sign"; HiZOO and Sparse MeZO through their steps):
         the trunk's ZO estimate as its gradient for the optimizer, the heads' from the FO gradient
         of the full-batch loss on frozen features."""
-        g_zo, loss = self.zo_gradient(inputs, labels, use_sign=self.cfg.method == "zo_sign", current=current)
         self.optimizer.zero_grad(set_to_none=True)
-        self._head_gradients(inputs, labels)
+        g_zo, loss = self.zo_gradient(inputs, labels, use_sign=self.cfg.method == "zo_sign", current=current,
+                                      train_heads=True)
         for p, g in zip(self.zo_params, g_zo):
             p.grad = g
         self._apply()
@@ -493,9 +564,8 @@ class HalfTrainer:
         σ the sample standard deviation (N − 1). The heads train by backprop on frozen features
         with AdamW.
         """
-        g_zo, loss = self.zo_gradient(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self._head_gradients(inputs, labels)
+        g_zo, loss = self.zo_gradient(inputs, labels, train_heads=True)
         lr, decay = self._zo_group["lr"], self._zo_group.get("weight_decay", 0.0)
         spread = self.last_loss_spread
         step = lr * self.cfg.zo_eps / spread if spread > 0 else 0.0   # equal losses: no direction to follow
@@ -513,6 +583,25 @@ class HalfTrainer:
         loss.backward()
         self._apply()
         return float(loss.detach())
+
+    def accumulation_step(self, inputs, labels, current=0, total=1, soft_targets=None):
+        """LoRA backprop at the memory of H-Tuning's FO pass: the batch in micro-batches of bp_batch,
+        each backpropagated in the FO pass's modes (BatchNorm on its running statistics, blocks
+        recomputed in backward) with its loss weighted by its share of the batch. Every sample is
+        then on its own, so the summed gradient is exactly the whole batch's; the time is a full
+        backprop's, plus the recomputation."""
+        self.optimizer.zero_grad(set_to_none=True)
+        size, bp, loss_sum = len(inputs), self.cfg.bp_batch, 0.0
+        with module_modes(self.model, "fo"), recomputing(self.model):
+            for start in range(0, size, bp):
+                part = slice(start, start + bp)
+                share = (min(size, start + bp) - start) / size
+                soft = None if soft_targets is None else soft_targets[part]
+                loss = self._loss(inputs[part], labels[part], soft)
+                (loss * share).backward()
+                loss_sum += float(loss.detach()) * share
+        self._apply()
+        return loss_sum
 
     def probe_step(self, inputs, labels, current=0, total=1, soft_targets=None):
         """Linear probe: the heads by backprop on the features of the frozen trunk, in eval mode

@@ -48,8 +48,8 @@ def _measure_in_fresh_processes(section_name, methods, options):
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            out = Path(tmp) / f"{method}.json"
+        for index, method in enumerate(methods):
+            out = Path(tmp) / f"method{index}.json"     # a method may name a file path
             log.info("%s: measuring %s", section_name, method)
             subprocess.run([sys.executable, str(Path(__file__).resolve()), section_name, "--method", method,
                             *options, "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
@@ -141,7 +141,8 @@ def _model_method_figures(method, device, batch, repeats):
 
 @section("model")
 def model_section(args):
-    """Forward latency and peak memory, explicit vs fused attention; LoRA fold vs low-rank path.
+    """Forward latency and peak memory, explicit vs fused attention (tinylight, tiny and base, and
+    medium on a GPU; --config for one); LoRA fold vs low-rank path.
 
     Every method runs in its own subprocess so one method's freed memory cannot hide another's peak.
     """
@@ -152,7 +153,8 @@ def model_section(args):
     repeats = args.repeats or 3
     if args.method:
         return {args.method: _model_method_figures(args.method, device, batch, repeats)}
-    configs = ["tinylight", "tiny", "base"] + (["medium"] if device.type == "cuda" else [])
+    default_configs = ["tinylight", "tiny", "base"] + (["medium"] if device.type == "cuda" else [])
+    configs = [args.config] if args.config else default_configs
     methods = [f"{c}_{a}" for c in configs for a in ("explicit", "fused")]
     methods += [f"lora_{p}_{k}_{m}" for m in ("train", "nograd") for k in ("linear", "conv") for p in ("fold", "lowrank")]
     results = _measure_in_fresh_processes("model", methods, ["--device", str(device), "--batch", str(batch),
@@ -164,6 +166,7 @@ def model_section(args):
 
 
 DATA_RECORDS = 400
+DATA_MIN_RECORDS = 4
 DATA_WORKERS = 2
 
 
@@ -233,6 +236,7 @@ def _data_method_figures(method, measure, dataset_dir, workers):
     import h5py
 
     import datacollection
+    from helper_code import DEMO_DATASET
 
     with tempfile.TemporaryDirectory() as out_dir:
         baseline, peak, done = _process_tree_pss_mb(), [0.0], threading.Event()
@@ -247,10 +251,10 @@ def _data_method_figures(method, measure, dataset_dir, workers):
             sampler.start()
         start = time.perf_counter()
         if method == "project":
-            path = datacollection.convert_challenge(dataset_dir, out_dir, datacollection.DEMO_DATASET, workers=workers)
+            path = datacollection.convert_challenge(dataset_dir, out_dir, DEMO_DATASET, workers=workers)
         else:
             path = Path(out_dir) / "reference.hdf5"
-            _reference_convert(dataset_dir, path, datacollection.DEMO_DATASET)
+            _reference_convert(dataset_dir, path, DEMO_DATASET)
         seconds = time.perf_counter() - start
         done.set()
         if measure == "memory":
@@ -277,7 +281,8 @@ def data_section(args):
 
     import numpy as np
 
-    import datacollection
+    from helper_code import DEMO_DATASET
+    from synthetic_ecg import write_demo_challenge
 
     workers = args.workers or DATA_WORKERS
     if args.method:
@@ -290,15 +295,15 @@ def data_section(args):
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
         for n in (n_records // 4, n_records):
-            folders[n] = Path(tmp) / f"records{n}" / datacollection.DEMO_DATASET
-            datacollection.write_demo_challenge(folders[n], n, np.random.default_rng(0))
+            folders[n] = Path(tmp) / f"records{n}" / DEMO_DATASET
+            write_demo_challenge(folders[n], n, np.random.default_rng(0))
         for method in ("project", "reference"):
             results[method] = {}
             for measure, n, figure in runs:
                 out = Path(tmp) / f"{method}_{measure}_{n}.json"
                 log.info("data: %s, %s run on %d records", method, measure, n)
                 subprocess.run([sys.executable, str(Path(__file__).resolve()), "data", "--method", f"{method}:{measure}",
-                                "--data-dir", str(folders[n]), "--workers", str(workers), "--json", str(out)],
+                                "--data_dir", str(folders[n]), "--workers", str(workers), "--json", str(out)],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 results[method][figure] = next(iter(json.loads(out.read_text())["data"][method].values()))
     results["project"]["speedup"] = results["project"]["records_per_s"] / results["reference"]["records_per_s"]
@@ -603,10 +608,18 @@ def _deployed_rows(merged_files, repeats):
     import pipeline_ecg
     import predict
 
+    models = []
+    for merged in merged_files:         # every file checked before any work
+        try:
+            models.append(predict.load_model(merged, torch.device("cpu")))
+        except ValueError as error:
+            build_parser().error(str(error).replace("argument --model", "argument --student_model"))
+        if models[-1].split is None:
+            build_parser().error(f"argument --student_model: {merged} names no validation and test split: give the "
+                                 f"merged_*.pt of a stage trained since merged files name theirs")
     rows, runners = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for index, merged in enumerate(merged_files):
-            model = predict.load_model(merged, torch.device("cpu"))
+        for index, (merged, model) in enumerate(zip(merged_files, models)):
             name = model.config if not any(key.startswith(f"{model.config} ") for key in rows) else str(merged)
             float_path = Path(tmp) / f"student{index}.onnx"
             predict.export_onnx(model, float_path, predict.calibration_source(model, None))
@@ -662,7 +675,7 @@ def inference_section(args):
     """Fine-tuned teacher vs distilled student(s) at inference: latency per record and peak memory.
 
     Teacher: medium on a GPU, base on a CPU (--config to change); students: tinylight, or the
-    configs named by --student-config (several compare side by side; each later one is also
+    configs named by --student_config (several compare side by side; each later one is also
     timed against the first, `best_vs_first_student`). Each model runs in its own subprocess so
     one's freed memory cannot hide another's peak. Default batch 1 (one record at a time, as
     deployed); --threads 1 times one CPU thread. Then the first student as predict.py exports it,
@@ -704,7 +717,8 @@ def inference_section(args):
     return results
 
 
-STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "ft", "zo", "hizoo", "sparse_mezo", "fzoo", "floor")
+STEP_METHODS = ("htuning", "htuning_naive", "lora_bp", "lora_bp_accum", "ft", "zo", "hizoo", "sparse_mezo", "fzoo",
+                "floor")
 STEP_NUM_CLASS = 16
 STEP_ROUNDS = 2  # every method measured once per round, rounds in opposite orders, fastest time kept
 # On CPU each method runs on one intra-op thread: a multi-threaded OpenMP region waits for its
@@ -825,8 +839,8 @@ def step_section(args):
         return {args.method: _step_method_figures(args.method, device, config, batch, bp_batch, num_class, repeats)}
     log.info("step: %s, batch %d, bp_batch %d, %d timed steps per method on %s", config, batch, bp_batch,
              repeats, device)
-    options = ["--device", str(device), "--config", config, "--batch", str(batch), "--bp-batch", str(bp_batch),
-               "--num-class", str(num_class), "--repeats", str(repeats)]
+    options = ["--device", str(device), "--config", config, "--batch", str(batch), "--bp_batch", str(bp_batch),
+               "--num_class", str(num_class), "--repeats", str(repeats)]
     rounds = [_measure_in_fresh_processes("step", order, options)
               for order in (STEP_METHODS, STEP_METHODS[::-1])[:STEP_ROUNDS]]
     results = {m: {"time_s": min(r[m]["time_s"] for r in rounds),
@@ -842,7 +856,7 @@ def step_section(args):
     return results
 
 
-MEMORY_STEP_METHODS = ("ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
                        "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
@@ -891,7 +905,7 @@ def memory_section(args):
     """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
     every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate, `htuning:NAME`),
     and of inference by the teacher
-    (--config) and the student (--student-config) on one record and on the batch. The project's
+    (--config) and the student (--student_config) on one record and on the batch. The project's
     own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated. On a
     GPU, each method is also run for real in its own process, and the measured peak is set
     beside the simulated one."""
@@ -916,68 +930,65 @@ def memory_section(args):
                                                                  / results[f"infer_student_{size}"]["peak_mb"])
     if device.type == "cuda":
         measured = _measure_in_fresh_processes("memory", methods, [
-            "--device", str(device), "--config", config, "--student-config", student, "--batch", str(batch),
-            "--bp-batch", str(bp_batch), "--num-class", str(num_class)])
+            "--device", str(device), "--config", config, "--student_config", student, "--batch", str(batch),
+            "--bp_batch", str(bp_batch), "--num_class", str(num_class)])
         for method, row in results.items():
             row.update(measured[method])
             row["gpu_over_simulated"] = row["gpu_peak_mb"] / row["peak_mb"]
     return results
 
 
-def _merged_student(text):
-    """argparse type: a merged model file that names its validation and test split."""
-    import torch
-
-    path = Path(text)
-    if not path.is_file():
+def _existing_file(text):
+    if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"file not found: {text}")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise argparse.ArgumentTypeError(f"{text} is not a model file torch can read") from None
-    if not (isinstance(saved, dict) and "model" in saved and "result" in saved):
-        raise argparse.ArgumentTypeError(f"{text} is not a merged model file (merged_*.pt)")
-    if "split" not in saved["model"]:
-        raise argparse.ArgumentTypeError(f"{text} names no validation and test split (written before merged files "
-                                         f"named theirs): train the stage again")
-    return path
+    return Path(text)
 
 
 def build_parser():
     from helper_code import FlagParser, int_at_least
     from model_src_ecg import MODEL_CONFIGS
 
-    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=list(SECTIONS), help="which measurement to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when present")
     parser.add_argument("--config", default=None, choices=list(MODEL_CONFIGS), help="model config (default: per section)")
-    parser.add_argument("--student-config", nargs="+", default=None, choices=list(MODEL_CONFIGS),
+    parser.add_argument("--student_config", nargs="+", default=None, choices=list(MODEL_CONFIGS),
                         help="student config(s) to compare (inference and memory sections; default tinylight)")
-    parser.add_argument("--student_model", "--student-model", nargs="+", default=None, type=_merged_student,
+    parser.add_argument("--student_model", nargs="+", default=None, type=_existing_file,
                         metavar="MERGED.pt", help="trained students' merged files: each as deployed, eager, float32 "
                                                   "and int8 ONNX (inference section)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op CPU threads (inference section)")
     parser.add_argument("--batch", type=int_at_least(1), default=None, help="batch size (default: per section)")
-    parser.add_argument("--bp-batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")
-    parser.add_argument("--num-class", type=int_at_least(1), default=None,
+    parser.add_argument("--bp_batch", type=int_at_least(1), default=None, help="FO samples per H-Tuning step")
+    parser.add_argument("--num_class", type=int_at_least(1), default=None,
                         help="classes of the main head (default: per section)")
     parser.add_argument("--records", type=int_at_least(1), default=None, help="records to convert (data section)")
     parser.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repetitions (default: per section)")
     parser.add_argument("--workers", type=int_at_least(1), default=None, help="converter worker processes (data section)")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data_dir", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def check_flags(parser, args):
+    """What no single flag's type can check."""
+    if args.batch is not None and args.bp_batch is not None and args.bp_batch > args.batch:
+        parser.error(f"argument --bp_batch: must be at most --batch ({args.batch}), got {args.bp_batch}")
+    if args.section == "memory" and args.student_config is not None and len(args.student_config) > 1:
+        parser.error("argument --student_config: the memory section compares the teacher with one student")
+    if args.student_model is not None and args.section != "inference":
+        parser.error("argument --student_model: only for the inference section")
+    if args.section == "data" and args.records is not None and args.records < DATA_MIN_RECORDS:
+        parser.error(f"argument --records: the data section needs at least {DATA_MIN_RECORDS} (it also converts a "
+                     f"quarter of them), got {args.records}")
 
 
 def main(argv=None):
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch is not None and args.bp_batch is not None and args.bp_batch > args.batch:
-        parser.error(f"argument --bp-batch: must be at most --batch ({args.batch}), got {args.bp_batch}")
-    if args.section == "memory" and args.student_config is not None and len(args.student_config) > 1:
-        parser.error("argument --student-config: the memory section compares the teacher with one student")
+    check_flags(parser, args)
     results = SECTIONS[args.section](args)
     print_table(args.section, results)
     if args.json is not None:

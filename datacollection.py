@@ -115,6 +115,7 @@ class RecordSkipped(Exception):
 
 
 def dx_codes(comments):
+    """The codes of a header's Dx comment, spelled `#Dx:` (the Challenge's files) or `# Dx:`; None without one."""
     for comment in comments:
         key, _, value = comment.partition(":")
         if key.strip() == "Dx":
@@ -148,7 +149,7 @@ def read_challenge_record(header_path, require_dx=True, leads=LEADS):
     For prediction: `leads`, the leads a model reads, lets a header of fewer signals through when
     it names each of them (a reduced-lead record; names matched ignoring case): every signal named
     as one of LEADS goes to its row, the rows of absent leads stay zero (what lead masking makes
-    of them anyway). require_dx=False: a header without '# Dx:' codes gives [] (unlabelled records).
+    of them anyway). require_dx=False: a header without Dx codes gives [] (unlabelled records).
     """
     record_path = str(header_path.with_suffix(""))
     signal_error = None
@@ -176,7 +177,7 @@ def read_challenge_record(header_path, require_dx=True, leads=LEADS):
         raise RecordSkipped("zero length")
     codes = dx_codes(record.comments or [])
     if not codes and require_dx:
-        raise RecordSkipped("unparseable header", "no '# Dx:' codes")
+        raise RecordSkipped("unparseable header", "no '#Dx:' codes")
     if signal_error is not None:
         raise RecordSkipped("unreadable .mat", f"{type(signal_error).__name__}: {signal_error}")
     check_mat_header(header_path.with_suffix(".mat"), record.n_sig, record.sig_len)
@@ -210,6 +211,22 @@ def find_records(dataset_dir):
         else:
             records.append((key.name, headers[key]))
     return records, unpaired
+
+
+def check_unique_names(dataset, records):
+    """A ValueError, in one line naming both paths, when two (name, header_path) records share a
+    name: a row is known by its record's name, and a record found twice (a copied folder) would
+    also sit in two rows, perhaps one in training and one in the test set."""
+    seen, twice = {}, []
+    for name, header_path in records:
+        if name in seen:
+            twice.append((name, seen[name], header_path))
+        seen.setdefault(name, header_path)
+    if twice:
+        name, first, second = twice[0]
+        more = f" ({len(twice)} names found twice in all)" if len(twice) > 1 else ""
+        raise ValueError(f"{dataset}: record {name} occurs twice, {first} and {second}{more}; rows are known by "
+                         f"record name, so a name must be one record: remove the copy; nothing converted")
 
 
 class ChunkResult(NamedTuple):
@@ -307,6 +324,7 @@ def convert_challenge(dataset_dir, out_dir, dataset, workers=1, chunk=CHUNK):
     classes = dataset_classes(dataset)
     class_names = [LABEL_ABBREVIATION[code] for code in classes]
     records, unpaired = find_records(dataset_dir)
+    check_unique_names(dataset, records)
     found = len(records) + len(unpaired)
     skipped = collections.Counter()
     for name, reason in unpaired:

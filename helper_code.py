@@ -84,10 +84,52 @@ def settings_differences(saved, current):
 # Flags: every entry script refuses a bad value up front, in one argparse-style line, exit status 2.
 # ---------------------------------------------------------------------------------------------
 class FlagParser(argparse.ArgumentParser):
-    """argparse with one-line errors: `prog: error: argument --flag: what it accepts`, exit status 2."""
+    """argparse with one spelling of every flag and one-line errors.
+
+    Flags are spelled with underscores (`--bp_batch`) in --help and in every message, whichever
+    way add_argument was given them; the same flag typed with hyphens (`--bp-batch`) is read as
+    it, and so is the other way round (`--no_distill` for `--no-distill`). `old_spellings`
+    ({earlier flag: current flag}) keeps flags that were renamed working, either way spelled,
+    without showing them. A bad value stops with `prog: error: argument --flag: what it
+    accepts`, exit status 2.
+    """
+
+    def __init__(self, *args, old_spellings=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old_spellings = {_with_underscores(old): new for old, new in (old_spellings or {}).items()}
+
+    def add_argument(self, *names, **kwargs):
+        return super().add_argument(*dict.fromkeys(_with_underscores(name) for name in names), **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)   # after a bare --, values only
+        return super().parse_known_args([*map(self.known_spelling, args[:end]), *args[end:]], namespace)
+
+    def known_spelling(self, token):
+        """`token` (`--flag` or `--flag=value`) with the flag as this parser knows it: an earlier
+        spelling mapped to the current one, hyphens and underscores swapped where needed; a flag
+        it does not know stays as typed, for argparse to name."""
+        flag, equals, value = token.partition("=")
+        known = self._option_string_actions
+        if not flag.startswith("--") or flag in known:
+            return token
+        current = self.old_spellings.get(_with_underscores(flag), _with_underscores(flag))
+        for spelling in (current, _with_hyphens(current)):
+            if spelling in known:
+                return spelling + equals + value
+        return token
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _with_underscores(flag):
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+
+
+def _with_hyphens(flag):
+    return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
 
 
 def int_at_least(low):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import report
 from ecg_dataset import find_dataset_h5, load_experiment_datasets
-from Half_Trainer import ALIASES, ESTIMATORS, METHODS, PERTURBATIONS, StepConfig
+from Half_Trainer import ALIASES, ESTIMATORS, FUSIONS, HEAD_RULES, METHODS, PERTURBATIONS, StepConfig
 from helper_code import (CHALLENGE_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT,
                          FlagParser, float_in, get_device, int_at_least, setup_logging)
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
@@ -48,6 +48,8 @@ zo_eps = 1e-3
 q = 1                                # ZO directions per step
 aux_weight = 1.0
 coef = None                          # H-Tuning's c; None: 0.99 for the first 20% of iterations, then 0.9
+head_rule = "whole_batch"            # H-Tuning's heads learn from the whole batch on frozen features, or from bp_batch
+fusion = "normalized"                # H-Tuning's fusion of the FO and ZO gradients: normalized, agreement or projection
 perturbation_mode = "gaussian"       # z ~ N(0, 1), or rademacher (±1)
 gradient_sparsity = None             # fraction of z zeroed (a seeded mask, the same in every use of z)
 zo_estimator = "two_point"           # H-Tuning's ZO estimate: two_point, or that of hizoo, sparse_mezo or fzoo
@@ -64,7 +66,8 @@ weight_decay = 0.01                  # AdamW
 warmup_fraction = 0.01               # linear warm-up over this fraction of the iterations, then linear decay
 finetune_epoch = 200
 doubled_datasets = ["WFDB_Ga", "WFDB_ChapmanShaoxing"]   # their iteration budget is doubled
-interval = 50                        # iterations between validations
+interval = 6400                      # training samples between validations (the published 50 iterations of batch 128)
+interval_unit = "samples"            # samples: any batch size validates as often; iterations: the published count
 patience = 10                        # validations without a gain in mAP before stopping
 finetune_label_ratio = 0.1           # the labelled pool; the rest is the test set
 # ---- the student ----
@@ -81,7 +84,7 @@ pretrain_patience = 5                # epochs without a validation mAP gain
 search_zo_eps = [1e-3, 5e-4, 2e-4, 1e-4]
 search_bp_batch = [2, 4, 8]
 search_r = [4, 8, 16]
-compare_methods = ["ft", "lora_bp", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe"]
+compare_methods = ["ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe"]
 # ---- where files are, and how a run goes ----
 data_root = REPO_ROOT / "OriginalData"          # one sub-folder per Challenge dataset
 code15_dir = None                               # CODE-15 as downloaded (exams.csv + exams_part*.hdf5)
@@ -102,14 +105,16 @@ teacher = None                       # a finished teacher (merged_*_teacher.pt) 
 
 # ---- the demo: synthetic data under demo_dir, small backbones pretrained on its CODE-15 part ----
 # Label ratio 0.2 of the 1,600 demo records: about 256 to train on, 64 to validate, 1,280 to test.
+# Validation once per epoch (256 samples), patience the published 10 validations: a third of the budget.
 DEMO_SETTINGS = dict(config="tiny", finetune_dataset=[DEMO_DATASET], batch_size=32, finetune_epoch=30,
-                     finetune_label_ratio=0.2, interval=8, patience=4, lr=0.004, student_lr=0.002,
+                     finetune_label_ratio=0.2, interval=256, patience=10, lr=0.004, student_lr=0.002,
                      pretrain_epochs=1, pretrain_batch_size=32, pretrain_lr=0.002, pretrain_patience=1)
 
 RUN_MODES = ("search", "compare")
 # each constant's comment above, shown by --help
 CONSTANT_COMMENTS = dict(re.findall(r"^(\w+) = [^#\n]*# (.*)$", Path(__file__).read_text(), re.MULTILINE))
 STAGES = ("both", "teacher", "student")
+INTERVAL_UNITS = ("samples", "iterations")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +122,9 @@ STAGES = ("both", "teacher", "student")
 # ---------------------------------------------------------------------------------------------
 EXPERIMENT_FLAGS = (
     "zo_config", "finetune_dataset", "config", "student_config", "seed", "r", "bp_batch", "zo_eps", "q",
-    "aux_weight", "coef", "perturbation_mode", "gradient_sparsity", "zo_estimator", "hizoo_smoothing",
+    "aux_weight", "coef", "head_rule", "fusion", "perturbation_mode", "gradient_sparsity", "zo_estimator", "hizoo_smoothing",
     "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "batch_size", "lr", "ft_lr", "student_lr",
-    "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "patience",
+    "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "interval_unit", "patience",
     "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
     "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
     "demo_dir", "workers", "device", "demo", "resume", "stage", "teacher")
@@ -134,14 +139,13 @@ SCRIPT_FLAGS = {
 }
 # flags that take one value in these scripts (several elsewhere)
 ONE_VALUE = {"pipeline_ecg.py": ("finetune_dataset", "seed"), "pipeline_pretrain.py": ("seed",)}
-# earlier spellings, still accepted
+# earlier spellings, still accepted (either way spelled) but not shown
 OLD_SPELLINGS = {
     "pipeline_pretrain.py": {"pretrain_epochs": "--epochs", "pretrain_batch_size": "--batch_size",
                              "pretrain_lr": "--lr", "pretrain_patience": "--patience", "code15_train": "--train",
                              "code15_valid": "--valid"},
-    "datacollection.py": {"data_root": "--data-root", "preprocessed_dir": "--out", "finetune_dataset": "--datasets",
-                          "convert_workers": "--workers", "code15_dir": "--code15",
-                          "code15_valid_fraction": "--valid-fraction"},
+    "datacollection.py": {"preprocessed_dir": "--out", "finetune_dataset": "--datasets", "convert_workers": "--workers",
+                          "code15_dir": "--code15", "code15_valid_fraction": "--valid-fraction"},   # --data-root: a twin
 }
 
 
@@ -176,6 +180,9 @@ def flag_spec(name):
         "student_config": dict(choices=list(MODEL_CONFIGS)),
         "seed": dict(nargs="+", type=int_at_least(0)),
         "perturbation_mode": dict(choices=PERTURBATIONS),
+        "head_rule": dict(choices=HEAD_RULES),
+        "fusion": dict(choices=FUSIONS),
+        "interval_unit": dict(choices=INTERVAL_UNITS),
         "zo_estimator": dict(choices=ESTIMATORS),
         "leads_for_student": dict(type=int, choices=sorted(KEPT_LEADS, reverse=True)),
         "distill": dict(action=argparse.BooleanOptionalAction),
@@ -206,15 +213,15 @@ def flag_spec(name):
 def build_parser(prog="main.py"):
     """The flags of `prog` (a script's file name); flags not given stay absent from the namespace."""
     parser = FlagParser(prog=prog, description=importlib.import_module(Path(prog).stem).__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+                        old_spellings={old: f"--{name}" for name, old in OLD_SPELLINGS.get(prog, {}).items()})
     for name in SCRIPT_FLAGS[prog]:
         spec = flag_spec(name)
         if name in ONE_VALUE.get(prog, ()):
             spec.pop("nargs")
         if name == "zo_config" and prog == "pipeline_ecg.py":
             spec["type"] = one_method
-        old = OLD_SPELLINGS.get(prog, {}).get(name)
-        parser.add_argument(f"--{name}", *([old] if old else []), dest=name, **spec)
+        parser.add_argument(f"--{name}", dest=name, **spec)
     return parser
 
 
@@ -313,7 +320,7 @@ def run_config(run_name="run", **overrides):
                      lr=teacher_lr(step.method, s["batch_size"], s["lr"], s["ft_lr"]),
                      weight_decay=s["weight_decay"], warmup_fraction=s["warmup_fraction"],
                      finetune_epoch=s["finetune_epoch"], doubled_datasets=tuple(s["doubled_datasets"]),
-                     interval=s["interval"], patience=s["patience"], seed=first_seed(s["seed"]), leads=12,
+                     interval=s["interval"], interval_unit=s["interval_unit"], patience=s["patience"], seed=first_seed(s["seed"]), leads=12,
                      pretrain=s["pretrain"], pretrained=s["pretrained"], checkpoint_dir=Path(s["checkpoint_dir"]),
                      result_dir=Path(s["result_dir"]), run_name=run_name, workers=s["workers"], resume=s["resume"])
 

@@ -13,7 +13,7 @@ The flags, their defaults (the constants at the top of main.py) and the result f
 What varies between runs is only (a) the step, which HalfTrainer.step picks by the method
 (H-Tuning, the zeroth-order steps, backprop, a linear probe), (b) which parameters train (the LoRA set,
 everything, or the heads), and (c) whether a frozen teacher supplies soft targets. The loop around
-it is shared: CutMix-ed batches, validation every `interval`, early stopping on 1/mAP, the best
+it is shared: CutMix-ed batches, validation every `interval` samples, early stopping on 1/mAP, the best
 state kept, reload, merge, thresholds on validation, test metrics. runs.py names its files and
 holds what a resume restores.
 """
@@ -51,7 +51,8 @@ class RunConfig:
     warmup_fraction: float            # of the iterations, linear warm-up; then linear decay to 0
     finetune_epoch: int
     doubled_datasets: tuple           # datasets whose iteration budget is doubled
-    interval: int                     # iterations between validations
+    interval: int                     # samples (or iterations, by interval_unit) between validations
+    interval_unit: str                # "samples" or "iterations"
     patience: int                     # validations without a gain before stopping
     seed: int
     leads: int                        # 12, or a reduced-lead student's 3 or 1
@@ -201,6 +202,18 @@ def resume_training(training, saved, trains, device):
     restore_random_states(saved["random"], training.cutmix_rng, training.order, training.trainer)
 
 
+def validation_due(cfg, current, total):
+    """Whether the loop validates after step `current`: at the budget's end, and each time the steps
+    done (interval_unit "iterations") or the samples seen, steps x batch_size ("samples"), reach a
+    multiple of `interval`. Counting samples gives every batch size validations (and patience) at
+    the same points of the data: at batch 8 an interval of 256 samples is 32 steps, at 32 it is 8."""
+    if current == total:
+        return True
+    if cfg.interval_unit == "iterations":
+        return current % cfg.interval == 0
+    return current * cfg.batch_size // cfg.interval > (current - 1) * cfg.batch_size // cfg.interval
+
+
 def stopped(progress, cfg, total):
     return progress.current >= total or progress.checks_without_gain >= cfg.patience
 
@@ -237,7 +250,7 @@ def train_step(training, x, y, teacher, cfg, total, device):
     return loss
 
 
-def validate(training, valid_loader, stage, cfg, device):
+def validate(training, valid_loader, stage, cfg, device, train_records):
     """Validation mAP; a strict gain keeps the state as the best (early stopping on 1/mAP), no gain
     counts towards patience. Appends the history row."""
     progress = training.progress
@@ -248,7 +261,8 @@ def validate(training, valid_loader, stage, cfg, device):
     else:
         progress.checks_without_gain += 1
     coef = training.trainer.last_coef
-    training.history.append({"iteration": progress.current, "train_loss": progress.loss_sum / progress.loss_count,
+    training.history.append({"iteration": progress.current,
+                             "epoch": round(progress.current * cfg.batch_size / train_records, 4), "train_loss": progress.loss_sum / progress.loss_count,
                              "valid_map": valid_map, "lr": training.scheduler.get_last_lr()[0],
                              "coef": "" if coef is None else coef, "seconds": progress.elapsed})
     progress.loss_sum, progress.loss_count = 0.0, 0
@@ -295,9 +309,9 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
             progress.record(loss, time.perf_counter() - step_start)
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if progress.current % cfg.interval == 0 or progress.current == total:
+            if validation_due(cfg, progress.current, total):
                 progress.elapsed = time.perf_counter() - started
-                valid_map = validate(training, valid_loader, stage, cfg, device)
+                valid_map = validate(training, valid_loader, stage, cfg, device, len(data.train))
                 bar.set_postfix(loss=f"{loss:.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
                 stage.write_history(training.history)
                 stage.save_resumable(**resumable_state(training, cfg.trains))

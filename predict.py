@@ -1,6 +1,6 @@
 """Apply a trained model to ECG records, or export it to ONNX.
 
-    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge-outputs DIR] [--plot DIR]
+    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge_outputs DIR] [--plot DIR]
     python predict.py --model MODEL --export model.onnx [--int8 [--calibrate RECORDS]]
     python predict.py --model pretrained_checkpoint/CODE_testtinylightbias_full_checkpoint.pkl --records PATH
 
@@ -80,13 +80,14 @@ class Model:
 # ---------------------------------------------------------------------------------------------
 # The model: a merged stage file, or a CODE-15 backbone as published
 # ---------------------------------------------------------------------------------------------
-def load_model(path, device, config=None):
-    """The Model in `path`, or a ValueError whose message names the flag at fault."""
+def load_model(path, device, config=None, threads=None):
+    """The Model in `path`, or a ValueError whose message names the flag at fault. `threads`: ONNX
+    Runtime's intra-op threads for an ONNX file (None: its choice)."""
     if Path(path).suffix.lower() == ONNX_SUFFIX:
         if config is not None:
             raise ValueError(f"argument --config: only for a backbone checkpoint; {path} is an ONNX model, whose "
                              f"metadata names its config")
-        return onnx_model(path)
+        return onnx_model(path, threads)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -145,18 +146,21 @@ def backbone_model(state, path, config, device):
                  list(CODE15_LABELS), np.full(len(CODE15_LABELS), BACKBONE_THRESHOLD), LEADS, dict(PREPROCESSING))
 
 
-def onnx_session(path):
-    """An ONNX Runtime session on the CPU for the file at `path`."""
+def onnx_session(path, threads=None):
+    """An ONNX Runtime session on the CPU for the file at `path`, on `threads` intra-op threads (None:
+    ONNX Runtime's choice, one per core)."""
     import onnxruntime
 
-    return onnxruntime.InferenceSession(str(path), onnxruntime.SessionOptions(), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_model(path):
+def onnx_model(path, threads=None):
     """A model exported by this script (float32 or int8), run by ONNX Runtime: its metadata says what
     applying it needs, as a merged file's description does."""
     try:
-        session = onnx_session(path)
+        session = onnx_session(path, threads)
     except Exception as error:      # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"argument --model: {path} is not an ONNX model ONNX Runtime can load ({detail})") from None
@@ -619,7 +623,7 @@ def build_parser():
     parser.add_argument("--records", type=records_path, help="folder of Challenge records, one .hea, or an HDF5")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"the CSV: one row per record (default: {DEFAULT_OUT})")
-    parser.add_argument("--challenge-outputs", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--challenge_outputs", type=Path, default=None, metavar="DIR",
                         help="also one {record}.csv per record here, in the Challenge 2021 output format")
     parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
                         help="also one {record}.png per record here: its 12 leads as recorded, in the clinical 3 x 4 "
@@ -635,7 +639,10 @@ def build_parser():
     parser.add_argument("--config", choices=list(MODEL_CONFIGS), default=None,
                         help="a backbone checkpoint's config (default: from its file name)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=BATCH,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="CPU threads for scoring: torch's intra-op threads, or ONNX Runtime's for an ONNX model "
+                             "(default: their choice, one per core); on a loaded machine fewer can be faster")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH,
                         help=f"records scored together (default: {BATCH})")
     return parser
 
@@ -645,11 +652,11 @@ def check_flags(parser, args):
     if args.records is None and args.export is None:
         parser.error("one of the arguments --records --export is required")
     if args.records is None and (args.out is not None or args.challenge_outputs is not None or args.plot is not None):
-        parser.error("argument --out/--challenge-outputs/--plot: only with --records")
+        parser.error("argument --out/--challenge_outputs/--plot: only with --records")
     args.out = DEFAULT_OUT if args.out is None else args.out
     if args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a folder; name the CSV file")
-    for flag, folder in (("--challenge-outputs", args.challenge_outputs), ("--plot", args.plot)):
+    for flag, folder in (("--challenge_outputs", args.challenge_outputs), ("--plot", args.plot)):
         if folder is not None and folder.exists() and not folder.is_dir():
             parser.error(f"argument {flag}: {folder} exists and is not a folder")
     if args.plot is not None and args.records.suffix.lower() in HDF5_SUFFIXES:
@@ -683,9 +690,11 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     try:
-        model = load_model(args.model, device, args.config)
+        model = load_model(args.model, device, args.config, args.threads)
         source = record_source(args.records, model) if args.records is not None else None
         calibration = calibration_source(model, args.calibrate) if args.int8 else None
     except ValueError as error:

@@ -14,7 +14,10 @@ TABLE_FIGURES = (("macro AUROC", "auc_roc_macro", "{:.4f}"), ("F-beta", "F1score
                  ("mAP", "Map_value", "{:.2f}"), ("Challenge", "challenge_score", "{:.4f}"),
                  ("trainable", "trainable_num", "{:,}"),
                  ("peak MiB", "memory", "{:.1f}"), ("s/iter", "time", "{:.3f}"))
-SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time")
+# what chose the checkpoint, and when the run stopped: printed beside the test metrics of a summary
+SELECTION_FIGURES = (("valid mAP", "best_valid_map", "{:.2f}"), ("iterations", "iterations", "{:.0f}"))
+SUMMARY_FIGURES = ("auc_roc_macro", "F1score_b", "Map_value", "challenge_score", "memory", "time", "best_valid_map",
+                   "iterations")
 
 
 def format_table(title, rows, figures=TABLE_FIGURES):
@@ -63,7 +66,7 @@ def write_summary(result_dir, prefix, rows, extra):
 
 def format_summary(title, rows, label_key, group_key):
     """Per group, one line per row: mean ± std of every printed figure that is summarised."""
-    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in SUMMARY_FIGURES]
+    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in SUMMARY_FIGURES] + list(SELECTION_FIGURES)
     width = max(len(row[label_key]) for row in rows) + 2
     lines = [f"== {title} =="]
     for group in dict.fromkeys(row[group_key] for row in rows):
@@ -109,7 +112,7 @@ def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
             entries = [e for results in results_by_seed.values() for e in results
                        if e["dataset"] == dataset and e["method"] == method]
             rows.append({"dataset": dataset, "method": method, "seeds": len(entries),
-                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time")),
+                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time", "best_valid_map", "iterations")),
                          "trainable_num": int(entries[0]["trainable_num"]), "simulated_gpu_mb": simulated_mb[method],
                          "histories": [e["history"] for e in entries]})
     scale_note = f"simulated GPU peak: {scale['config']}, batch {scale['batch']}, bp_batch {args.bp_batch}, " \
@@ -126,7 +129,7 @@ def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
 
 
 def format_comparison(rows, seeds, scale_note):
-    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in COMPARE_FIGURES]
+    figures = [(name, key, fmt) for name, key, fmt in TABLE_FIGURES if key in COMPARE_FIGURES] + list(SELECTION_FIGURES)
     width = max(len(row["method"]) for row in rows) + 2
     lines = []
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
@@ -176,21 +179,22 @@ def plot_tradeoff(rows, path, scale_note):
 
 
 def plot_validation(rows, path):
-    """Validation mAP against iteration, one curve per method: the mean over the seeds' histories
-    at each validated iteration (a run that stopped early leaves the mean to the others)."""
+    """Validation mAP against epoch (samples seen / training records, so methods at other batch sizes
+    line up), one curve per method: the mean over the seeds' histories at each validated epoch (a
+    run that stopped early leaves the mean to the others)."""
     plt = _pyplot()
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     figure, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for row in (row for row in rows if row["dataset"] == dataset):
-            by_iteration = {}
+            by_epoch = {}
             for history in row["histories"]:
                 with open(history, newline="") as f:
                     for entry in csv.DictReader(f):
-                        by_iteration.setdefault(int(entry["iteration"]), []).append(float(entry["valid_map"]))
-            iterations = sorted(by_iteration)
-            ax.plot(iterations, [np.mean(by_iteration[i]) for i in iterations], marker=".", label=row["method"])
-        ax.set_xlabel("iteration")
+                        by_epoch.setdefault(float(entry["epoch"]), []).append(float(entry["valid_map"]))
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [np.mean(by_epoch[e]) for e in epochs], marker=".", label=row["method"])
+        ax.set_xlabel("epoch")
         ax.set_ylabel("validation mAP (mean over seeds)")
         ax.set_title(dataset)
         ax.legend(fontsize=8)

@@ -6,6 +6,11 @@ holds the run's settings and whether it finished; `--resume` continues the lates
 prefix whose settings are the same, an unfinished one first (a search always does, so a grown grid
 continues in the same file). Its results go to `{prefix}_{n}.npy` and `.json`.
 
+While a process writes a run it holds it: an exclusive lock on `{prefix}_{n}.lock`, which the
+operating system releases when the process ends, however it ends. A run another process holds is
+never continued, so two searches (or two `--resume`s) started together each write a run of their
+own and both keep every result; a restart after a crash finds the run free and continues it.
+
 A run trains stages (a dataset's teacher or student). A stage's files are named
 `{run}_{dataset}_{role}` and carry the stage's settings, so a file written under other settings is
 never used:
@@ -25,6 +30,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:   # not POSIX: runs are not held, and two processes could continue one run
+    fcntl = None
+
 import numpy as np
 import torch
 
@@ -33,8 +43,10 @@ from helper_code import atomic_path, settings_differences, settings_digest, stat
 log = logging.getLogger("adagrad_fusion.runs")
 
 NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume")
-HISTORY_COLUMNS = ("iteration", "train_loss", "valid_map", "lr", "coef", "seconds")
+HISTORY_COLUMNS = ("iteration", "epoch", "train_loss", "valid_map", "lr", "coef", "seconds")
 MANIFEST = ".run.json"
+LOCK = ".lock"
+_held = {}            # lock path -> the open file through which this process holds that run
 
 
 def affecting_results(settings):
@@ -71,37 +83,74 @@ def _manifests(result_dir, prefix):
     return sorted(found, key=lambda item: item[0])
 
 
+def hold(path):
+    """Hold the run whose .npy is `path` for this process; False when another process holds it.
+
+    The lock lives as long as the open file: the operating system drops it when the process
+    ends, a SIGKILL included. This process may hold a run again (a retry after an exception)."""
+    lock = Path(path).with_suffix(LOCK).resolve()
+    if fcntl is None or lock in _held:
+        return True
+    f = open(lock, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return False
+    except OSError as error:   # a file system without locks: the run goes unheld, as without fcntl
+        log.warning("cannot lock %s (%s): another process could continue this run at the same time", lock, error)
+        f.close()
+        return True
+    _held[lock] = f
+    return True
+
+
+def release(path):
+    """Let other processes continue the run of `path`."""
+    f = _held.pop(Path(path).with_suffix(LOCK).resolve(), None)
+    if f is not None:
+        f.close()
+
+
 def open_run(result_dir, prefix, settings, resume):
-    """(path of the run's .npy, resuming): with `resume`, the latest run of `prefix` with these
-    settings, unfinished ones first (a finished one is reloaded stage by stage, not trained again);
-    otherwise, or when there is none, a newly claimed run."""
+    """(path of the run's .npy, resuming), the run held by this process (hold): with `resume`, the
+    latest run of `prefix` with these settings that no other process holds, unfinished ones first
+    (a finished one is reloaded stage by stage, not trained again); otherwise, or when there is
+    none, a newly claimed run."""
     settings = affecting_results(settings)
     digest = settings_digest(settings)
     if resume:
         runs = _manifests(result_dir, prefix)
         same = [(content["finished"], n) for n, content in runs if content["digest"] == digest]
-        if same:
-            finished, n = min(same, key=lambda item: (item[0], -item[1]))
+        for finished, n in sorted(same, key=lambda item: (item[0], -item[1])):   # unfinished first, then latest
             path = Path(result_dir) / f"{prefix}_{n}.npy"
-            log.info("resuming %s%s", path.with_suffix(MANIFEST), " (finished: its stages are reloaded)" * finished)
-            return path, True
+            if hold(path):
+                log.info("resuming %s%s", path.with_suffix(MANIFEST), " (finished: its stages are reloaded)" * finished)
+                return path, True
+            log.info("--resume: %s is being written by another process; not continuing it", path.with_suffix(MANIFEST))
         unfinished = [(n, content) for n, content in runs if not content["finished"]]
-        if unfinished:
+        if same:
+            log.info("--resume: every run %s_* with these settings is being written; starting a new run", prefix)
+        elif unfinished:
             n, content = unfinished[-1]
             log.warning("--resume: %s_%d was run with other settings (%s); starting a new run", prefix, n,
                         settings_differences(content["settings"], to_jsonable(settings)))
         else:
             log.info("--resume: no unfinished run %s_* in %s; starting a new run", prefix, result_dir)
     path = claim(result_dir, prefix).with_suffix(".npy")
+    hold(path)   # before its manifest says what it is: no other process can take it first
     write_manifest(path, settings, finished=False)
     return path, False
 
 
 def write_manifest(path, settings, finished):
+    """The run's settings and whether it finished; a finished run is no longer held."""
     settings = affecting_results(settings)
     with atomic_path(Path(path).with_suffix(MANIFEST)) as tmp:
         tmp.write_text(json.dumps({"settings": to_jsonable(settings), "digest": settings_digest(settings),
                                    "finished": finished}, indent=1))
+    if finished:
+        release(path)
 
 
 def save_results(npy_path, results):

@@ -52,7 +52,7 @@ def parse_header(path):
         gain_field = line.split()[2]
         gains.append(float(gain_field.split("(")[0]))
         baselines.append(int(gain_field.split("(")[1].split(")")[0]))
-    dx = next(line.split(":", 1)[1] for line in lines if line.startswith("# Dx:"))
+    dx = next(line.split(":", 1)[1] for line in lines if line.startswith(("#Dx:", "# Dx:")))
     return float(fs), np.array(gains), np.array(baselines), [c.strip() for c in dx.split(",")]
 
 
@@ -169,9 +169,9 @@ def test_every_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
     scipy.io.savemat(folder / "zerolen.mat", {"val": np.zeros((12, 0), np.int16)}, format="4")
     (folder / "badheader.hea").write_text("this is not a WFDB header\n")
     text = (folder / "nodx.hea").read_text()
-    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("# Dx")) + "\n")
+    (folder / "nodx.hea").write_text("\n".join(l for l in text.splitlines() if not l.startswith("#Dx")) + "\n")
     text = (folder / "unscored.hea").read_text()
-    (folder / "unscored.hea").write_text(text.replace("# Dx: 426783006", "# Dx: 67741000119109"))
+    (folder / "unscored.hea").write_text(text.replace("#Dx: 426783006", "#Dx: 67741000119109"))
 
     with caplog.at_level(logging.INFO, logger="datacollection"):
         out = dc.convert_challenge(folder, tmp_path / "out", DEMO_DATASET, workers=1, chunk=3)
@@ -223,6 +223,28 @@ def test_missing_dataset_folder_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="CODE-15"):
         dc.convert_code15(tmp_path / "nocode", tmp_path / "out", valid_fraction=0.1, seed=18)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_record_name_found_twice_stops_the_conversion_naming_both_paths(tmp_path):
+    dataset = tmp_path / "OriginalData" / "WFDB_Ga"
+    for sub in ("g1", "g1/copy", "g2"):
+        (dataset / sub).mkdir(parents=True)
+    write_good_records(dataset / "g1", ["E00001", "E00002", "E00003"])
+    write_good_records(dataset / "g1" / "copy", ["E00002"])
+    write_good_records(dataset / "g2", ["E00003", "E00004"], seed=1)
+    with pytest.raises(SystemExit) as stop:
+        main.main(["--data_root", str(tmp_path / "OriginalData"), "--preprocessed_dir", str(tmp_path / "out"),
+                   "--finetune_dataset", "WFDB_Ga"], prog="datacollection.py")
+    message = str(stop.value.code)
+    assert len(message.splitlines()) == 1 and message.startswith("error: WFDB_Ga: record E00002 occurs twice")
+    assert f"{dataset / 'g1' / 'E00002.hea'} and {dataset / 'g1' / 'copy' / 'E00002.hea'}" in message
+    assert "(2 names found twice in all)" in message and not (tmp_path / "out").exists()
+    shutil.rmtree(dataset / "g1" / "copy")
+    (dataset / "g2" / "E00003.hea").unlink()
+    (dataset / "g2" / "E00003.mat").unlink()
+    with h5py.File(dc.convert_challenge(dataset, tmp_path / "out", "WFDB_Ga")) as f:
+        assert sorted(n.decode() if isinstance(n, bytes) else n for n in f["record_names"][:]) == \
+            ["E00001", "E00002", "E00003", "E00004"]
 
 
 def test_interrupted_conversion_leaves_no_final_file(tmp_path, monkeypatch):
@@ -438,6 +460,31 @@ def test_demo_formats_and_layout(tiny_demo):
     for key in ("code15_train", "code15_valid"):
         with h5py.File(tiny_demo[key]) as f:
             assert list(f.attrs["class_codes"]) == list(dc.CODE15_LABELS) and len(f["record_set"]) > 0
+
+
+def official_dx_codes(header_path):
+    """The official Challenge 2021 scorer's reading, written for the test: the codes after ': ' on
+    the header line that starts with '#Dx' (none when no line does)."""
+    lines = [line for line in header_path.read_text().splitlines() if line.startswith("#Dx")]
+    return [code.strip() for code in lines[0].split(": ")[1].split(",")] if lines else []
+
+
+def test_demo_headers_are_spelled_as_the_challenge_writes_them(tmp_path):
+    n = 24
+    synth.write_demo_challenge(tmp_path / "demo", n, np.random.default_rng(0))
+    labels = synth.demo_labels(synth.sample_conditions(n, np.random.default_rng(0)))   # that run's first draws
+    for i, row in enumerate(labels):
+        header = tmp_path / "demo" / f"D{i:05d}.hea"
+        codes = [code for code, present in zip(DEMO_CLASSES, row) if present]
+        comments = [line.split(":")[0] for line in header.read_text().splitlines() if line.startswith("#")]
+        assert comments == ["#Age", "#Sex", "#Dx", "#Rx", "#Hx", "#Sx"]
+        assert codes and official_dx_codes(header) == codes == dc.read_challenge_record(header)[0]
+    # The spelling with a space (some copies of the data, the shared sample records) still reads.
+    spaced = tmp_path / "spaced"
+    spaced.mkdir()
+    shutil.copy(header.with_suffix(".mat"), spaced)
+    (spaced / header.name).write_text(header.read_text().replace("#Dx:", "# Dx:"))
+    assert official_dx_codes(spaced / header.name) == [] and dc.read_challenge_record(spaced / header.name)[0] == codes
 
 
 def test_demo_classes_reach_beyond_code15():

@@ -69,3 +69,18 @@ def test_simulated_peak_is_within_five_percent_of_the_gpu_allocator_peak():
     results = benchmark.main(["memory", "--device", "cuda"])
     for method, row in results.items():
         assert row["gpu_over_simulated"] == pytest.approx(1.0, abs=0.05), method
+
+
+def test_memory_matched_backprop_holds_no_more_than_htuning_at_the_paper_scale():
+    """lora_bp_accum backpropagates bp_batch samples at a time, as H-Tuning's FO pass does, and
+    needs neither z, the copy of the ZO set, nor the whole batch's inference pass: at the paper's
+    scale (medium, batch 128, bp_batch 8) it holds at most what H-Tuning holds, and far less than
+    LoRA backprop on the whole batch."""
+    import main
+    from simulated_memory import training_peak_mb
+
+    scale = main.PAPER_SCALE
+    peaks = {method: training_peak_mb(main.step_config(zo_config=method, bp_batch=8), scale["config"], scale["batch"],
+                                      scale["num_class"], main.r, main.weight_decay)
+             for method in ("lora_bp", "lora_bp_accum", "htuning")}
+    assert peaks["lora_bp_accum"] <= peaks["htuning"] < peaks["lora_bp"] / 8

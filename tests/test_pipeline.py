@@ -23,7 +23,7 @@ from pipeline_pretrain import pretrain
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tinylight"          # teacher and student alike: seconds per run
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "1",
-        "--interval", "2", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4"]
+        "--interval", "32", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_search_with_other_settings_does_not_resume_into_an_earlier_file(tiny_de
 
 def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
-    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=2,
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=32,
                                  seed=5, checkpoint_dir=backbones, result_dir=tmp_path, run_name="det")
     first, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     second, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
@@ -134,6 +134,20 @@ def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, tmp
     stopped, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     # the first check sets the best; two more without gain reach patience 2
     assert stopped["iterations"] == 3 and stopped["best_valid_map"] == 50.0
+
+
+def test_validations_fall_at_the_same_samples_for_every_batch_size():
+    """Counted in samples, an interval of 256 is 8 steps at batch 32 and 32 steps at batch 8, so
+    patience spans as much data at either; counted in iterations (the published rule) it is not."""
+    def validated(batch_size, **settings):
+        cfg = main.run_config(batch_size=batch_size, bp_batch=min(8, batch_size), **settings)
+        total = 4 * 256 // batch_size
+        return [step * batch_size for step in range(1, total + 1) if pipeline_ecg.validation_due(cfg, step, total)]
+    samples = [256, 512, 768, 1024]
+    assert validated(32, interval=256) == validated(8, interval=256) == samples
+    assert validated(20, interval=256) == [260, 520, 780, 1020]   # the first step past each multiple, and the end
+    assert validated(8, interval=8, interval_unit="iterations") == [64 * k for k in range(1, 17)]
+    assert validated(32, interval=8, interval_unit="iterations") == samples
 
 
 def test_reduced_leads_ignore_the_other_leads(tiny_demo):

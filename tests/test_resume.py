@@ -22,9 +22,9 @@ from pipeline_pretrain import pretrain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tinylight"
-# 48 training records at batch 16: 3 iterations an epoch, 12 a stage, a validation every 2
+# 48 training records at batch 16: 3 iterations an epoch, 12 a stage, a validation every 32 samples (2 iterations)
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "4",
-        "--interval", "2", "--patience", "10", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4",
+        "--interval", "32", "--patience", "10", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4",
         "--finetune_dataset", "WFDB_Demo", "--device", "cpu"]
 COMPARED = ("auc_roc_macro", "F1score_b", "Map_value", "best_valid_map", "iterations")
 

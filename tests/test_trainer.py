@@ -74,6 +74,7 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     zo = [p for _, p in zo_parameters(model)]
     heads = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    head_grads = None
     if args.method in ("htuning", "zo", "zo_sign"):
         zs = reference_z(zo, seed, args)
         with torch.no_grad(), module_modes(model, "zo"):
@@ -82,10 +83,15 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
             loss_plus = reference_loss(model, x, y, args)
             for p, z in zip(zo, zs):
                 p.sub_(2 * args.zo_eps * z)
-            loss_minus = reference_loss(model, x, y, args)
+            features = model.feature_extraction(x)  # one forward: BatchNorm's running statistics move once
+            with torch.enable_grad():
+                aux, main = model.heads(features)
+                loss_minus = compute_loss(aux, main, y, args.aux_weight)
+                if args.method != "htuning" or args.head_rule == "whole_batch":  # heads: whole batch, at θ − εz
+                    head_grads = torch.autograd.grad(loss_minus, heads)
             for p, z in zip(zo, zs):
                 p.add_(args.zo_eps * z)
-        projected = float((loss_plus - loss_minus) / (2 * args.zo_eps))
+        projected = float((loss_plus - loss_minus.detach()) / (2 * args.zo_eps))
         scale = float(torch.sign(torch.tensor(projected))) if args.method == "zo_sign" else projected
         g_zo = [scale * z for z in zs]
     optimizer.zero_grad()
@@ -93,22 +99,34 @@ def reference_step(model, x, y, args, seed, current, total, soft=None):
         with module_modes(model, "fo"):
             reference_loss(model, x[:args.bp_batch], y[:args.bp_batch], args).backward()
         c = args.coef if args.coef is not None else mixing_coefficient(current, total)
+        if args.fusion == "projection":
+            along = (projected - sum(float((z * p.grad).sum()) for z, p in zip(zs, zo))) / sum(
+                float((z * z).sum()) for z in zs)
+            for p, z in zip(zo, zs):
+                p.grad = p.grad + along * z
         for p, gz in zip(zo, g_zo):
-            p.grad = c * p.grad + (1 - c) * p.grad.norm() * gz / (gz.norm() + 1e-6)
+            if args.fusion == "agreement":
+                cos = float((p.grad * gz).sum()) / (float(p.grad.norm() * gz.norm()) + 1e-6)
+                c_t = 1 - (1 - c) * max(cos, 0.0)
+            elif args.fusion == "normalized":
+                c_t = c
+            else:
+                continue
+            p.grad = c_t * p.grad + (1 - c_t) * p.grad.norm() * gz / (gz.norm() + 1e-6)
     elif args.method in ("zo", "zo_sign"):
-        with module_modes(model, "zo"):
-            with torch.no_grad():
-                features = model.feature_extraction(x)
-            aux, main = model.heads(features)
-            compute_loss(aux, main, y, args.aux_weight).backward()
         for p, gz in zip(zo, g_zo):
             p.grad = gz
-        assert all(p.grad is not None for p in heads)
+    elif args.method == "lora_bp_accum":  # the whole batch at once, in the FO pass's modes
+        with module_modes(model, "fo"):
+            reference_loss(model, x, y, args).backward()
     else:
         model.train()
         reference_loss(model, x, y, args, soft).backward()
+    if head_grads is not None:
+        for p, g in zip(heads, head_grads):
+            p.grad = g
     optimizer.step()
-    return (projected if args.method != "lora_bp" else None)
+    return projected if args.method in ("htuning", "zo", "zo_sign") else None
 
 
 STEP_CASES = [
@@ -116,9 +134,14 @@ STEP_CASES = [
     ("htuning", {"coef": 0.5}),
     ("htuning", {"gradient_sparsity": 0.4}),
     ("htuning", {"perturbation_mode": "rademacher"}),
+    ("htuning", {"head_rule": "bp_batch"}),
+    ("htuning", {"fusion": "agreement"}),
+    ("htuning", {"fusion": "projection"}),
+    ("htuning", {"fusion": "projection", "gradient_sparsity": 0.4}),
     ("zo", {}),
     ("zo_sign", {}),
     ("lora_bp", {}),
+    ("lora_bp_accum", {}),
 ]
 
 
@@ -272,8 +295,8 @@ def test_module_modes_in_each_phase_and_restored_after():
     x, y = batch("cpu")
     watched = {"bn": model.encoder_layers[0].bn1, "ln": model.transformer_layers[0].norm1,
                "conv": model.encoder_layers[0].conv1, "head": model.classifier[0]}
-    seen = []
-    model.register_forward_pre_hook(lambda m, a: seen.append({k: w.training for k, w in watched.items()}))
+    seen = []  # the heads run in every pass, the second ZO pass's included (it trains them)
+    model.classifier.register_forward_pre_hook(lambda m, a: seen.append({k: w.training for k, w in watched.items()}))
     trainer = make_trainer(model, make_args())
     for initial in (True, False):
         model.train(initial)
@@ -284,6 +307,34 @@ def test_module_modes_in_each_phase_and_restored_after():
         fo_mode = {"bn": False, "ln": True, "conv": True, "head": True}
         assert seen == [zo_mode, zo_mode, fo_mode]
         assert [m.training for m in model.modules()] == modes_before
+
+
+@pytest.mark.parametrize("size, bp_batch", [(BATCH, BP_BATCH), (7, 3)])
+def test_accumulated_gradient_is_the_whole_batch_gradient(size, bp_batch):
+    """lora_bp_accum: micro-batches of bp_batch (the last one shorter where they do not divide the
+    batch), each weighted by its share, sum to the gradient of the whole batch in the FO pass's
+    modes (BatchNorm on its running statistics), to 1e-6 in float64."""
+    model = lora_model("cpu", dtype=torch.float64)
+    with torch.no_grad():  # running statistics that are not the identity, so eval-mode BatchNorm matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(std=0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(model)
+    x, y = batch("cpu", batch_size=size, dtype=torch.float64)
+    trainer = make_trainer(model, make_args("lora_bp_accum", bp_batch=bp_batch))
+    micro_batches = []
+    model.classifier.register_forward_pre_hook(lambda m, a: micro_batches.append(len(a[0])))
+    loss = trainer.step(x, y, 0, 10)   # the step leaves its gradients in .grad
+    assert micro_batches == [min(bp_batch, size - start) for start in range(0, size, bp_batch)]
+    with module_modes(reference, "fo"):
+        whole = reference_loss(reference, x, y, trainer.cfg)
+        whole.backward()
+    assert loss == pytest.approx(float(whole.detach()), rel=1e-9)
+    trained = [(name, p, q) for (name, p), q in zip(model.named_parameters(), reference.parameters()) if p.requires_grad]
+    assert max(float(q.grad.abs().max()) for _, _, q in trained) > 1e-3   # not a comparison of zeros
+    for name, p, q in trained:
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=f"{name}: accumulated gradient differs")
 
 
 def test_coefficient_schedule():
@@ -300,7 +351,7 @@ def test_sparsity_is_exact_and_one_mask_serves_every_use_of_z(sparsity):
     trainer = make_trainer(model, make_args(gradient_sparsity=sparsity))
     base = [p.detach().clone() for p in trainer.zo_params]
     perturbations = []
-    model.register_forward_pre_hook(
+    model.classifier.register_forward_pre_hook(
         lambda m, a: perturbations.append([(p - b).ne(0) for p, b in zip(trainer.zo_params, base)]))
     trainer.zo_gradient(x, y)
     fractions = sparsity if isinstance(sparsity, dict) else dict.fromkeys(trainer.zo_names, sparsity)
