@@ -716,3 +716,16 @@ def test_benchmark_measures_a_student_as_deployed(trained, tmp_path):
     assert int8["distinct_probabilities"] > 2 * int8_all["distinct_probabilities"]   # head outputs int8: 256 steps
     for row in (eager, float32, int8, int8_all):
         assert row["peak_mb"] > 0 and np.isfinite([row["best_ms_per_record"], row["best_ms_flushed"]]).all()
+
+
+def test_benchmark_refuses_a_student_that_names_no_split(trained, tmp_path, capsys):
+    import benchmark
+
+    for argv, message in ((["inference", "--student_model", str(trained.backbone)], "names no validation and test"),
+                          (["model", "--student_model", str(trained.student)], "only for the inference section"),
+                          (["inference", "--student_model", str(tmp_path / "none.pt")], "file not found")):
+        with pytest.raises(SystemExit) as stop:
+            benchmark.main(argv)
+        error = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and error[-1].startswith("benchmark.py: error: argument --student_model: ")
+        assert message in error[-1]
