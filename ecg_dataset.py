@@ -114,6 +114,17 @@ class ECGH5Dataset(torch.utils.data.Dataset):
         return state
 
 
+def record_names(h5_path, indices=None):
+    """The `record_names` of an HDF5's rows (all, or those at `indices`) as str; None where the file
+    has none (converted elsewhere)."""
+    with h5py.File(h5_path, "r") as f:
+        if "record_names" not in f:
+            return None
+        names = f["record_names"][:]
+    chosen = names if indices is None else names[np.asarray(indices, dtype=np.int64)]
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in chosen]
+
+
 class ExperimentData(NamedTuple):
     train: ECGH5Dataset
     valid: ECGH5Dataset

@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import evaluation
+from ecg_dataset import record_names
 from Half_Trainer import METHODS, HalfTrainer, StepConfig
 from helper_code import LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything
 from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, load_adapter_state,
@@ -368,7 +370,20 @@ def model_description(net, cfg, data, thresholds):
             "positive_probably": float(net.positive_probably), "class_codes": list(data.class_codes),
             "class_names": list(data.class_names), "thresholds": torch.from_numpy(np.asarray(thresholds, np.float64)),
             "leads": list(KEPT_LEADS[cfg.leads]), "preprocessing": data.preprocessing,
-            "state_dict": merged_state(net)}
+            "split": split_description(data, cfg.seed), "state_dict": merged_state(net)}
+
+
+def split_description(data, seed):
+    """Which records the model was validated and tested on: the HDF5 (as the run named it), its row
+    count, the seed, and the rows of each split; the validation records also by name, so that
+    calibration (predict.py --int8) can find them in a folder of records and never takes a test one."""
+    h5_path = data.valid.h5_path
+    with h5py.File(h5_path, "r") as f:
+        rows = len(f["label_set"])
+    return {"h5": str(h5_path), "rows": rows, "seed": int(seed),
+            "validation": torch.from_numpy(np.asarray(data.valid.indices, np.int64)),
+            "validation_names": record_names(h5_path, data.valid.indices),
+            "test": torch.from_numpy(np.asarray(data.test.indices, np.int64))}
 
 
 def _result_to_tensors(result):

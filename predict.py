@@ -1,19 +1,22 @@
 """Apply a trained model to ECG records, or export it to ONNX.
 
-    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge_outputs DIR]
-    python predict.py --model MODEL --export model.onnx
+    python predict.py --model MODEL --records PATH [--out predictions.csv] [--challenge_outputs DIR] [--plot DIR]
+    python predict.py --model MODEL --export model.onnx [--int8 [--calibrate RECORDS]]
     python predict.py --model pretrained_checkpoint/CODE_testtinylightbias_full_checkpoint.pkl --records PATH
 
 MODEL is a finished stage's `merged_*.pt` (a fine-tuned teacher or a distilled student: it names
-its classes, thresholds, leads and preprocessing), or a CODE-15 backbone
-`{pretrain}{config}bias_full_checkpoint.pkl`, applied as it is: its head's six CODE-15 labels at
-threshold 0.5 (the config from the file name, or --config).
+its classes, thresholds, leads and preprocessing), an ONNX file this script exported (float32 or
+int8; its metadata names the same), or a CODE-15 backbone `{pretrain}{config}bias_full_checkpoint.pkl`,
+applied as it is: its head's six CODE-15 labels at threshold 0.5 (the config from the file name,
+or --config).
 PATH is a folder of Challenge-format records (.hea + .mat, sub-folders allowed, any sampling
 rate), one .hea file, or an HDF5 written by datacollection.py. Records are read and preprocessed
 by datacollection.py's own functions, scored in batches, and written as they go; every output
-appears only when complete. docs/predict.md describes the CSV and the Challenge output files.
+appears only when complete. docs/predict.md describes the CSV, the Challenge output files, the
+pictures and the int8 model.
 """
 import argparse
+import ast
 import collections
 import contextlib
 import copy
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import ecg_plot
 import pipeline_ecg
 from datacollection import (CODE15_LABELS, PREPROCESSING, SAMPLES, RecordSkipped, find_records, preprocess_many,
                             read_challenge_record)
@@ -53,6 +57,10 @@ HDF5_SUFFIXES = (".h5", ".hdf5")
 ONNX_INPUT = "ecg"
 ONNX_OUTPUTS = ("probabilities", "labels")
 ONNX_PACKAGES = ("onnx", "onnxscript")   # torch.onnx.export needs both; onnxruntime runs the file
+ONNX_RUNTIME = "onnxruntime"
+ONNX_SUFFIX = ".onnx"
+INT8_SUFFIX = ".int8.onnx"               # the int8 model is written beside the float32 one
+ONNX_METADATA = ("config", "class_codes", "class_names", "thresholds", "leads", "preprocessing")
 
 
 @dataclass
@@ -65,13 +73,21 @@ class Model:
     thresholds: np.ndarray          # float64, one per class: label = probability >= threshold
     leads: tuple                    # the leads it reads; the others are zeroed (KEPT_LEADS)
     preprocessing: dict | None      # what its training records went through (None: not recorded)
+    split: dict | None = None       # the records it was validated and tested on (pipeline_ecg.split_description)
+    session: object = None          # an ONNX file's onnxruntime.InferenceSession; `net` is then None
 
 
 # ---------------------------------------------------------------------------------------------
 # The model: a merged stage file, or a CODE-15 backbone as published
 # ---------------------------------------------------------------------------------------------
-def load_model(path, device, config=None):
-    """The Model in `path`, or a ValueError whose message names the flag at fault."""
+def load_model(path, device, config=None, threads=None):
+    """The Model in `path`, or a ValueError whose message names the flag at fault. `threads`: ONNX
+    Runtime's intra-op threads for an ONNX file (None: its choice)."""
+    if Path(path).suffix.lower() == ONNX_SUFFIX:
+        if config is not None:
+            raise ValueError(f"argument --config: only for a backbone checkpoint; {path} is an ONNX model, whose "
+                             f"metadata names its config")
+        return onnx_model(path, threads)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -86,7 +102,7 @@ def load_model(path, device, config=None):
         model = Model(net, description["config"], [str(c) for c in description["class_codes"]],
                       [str(n) for n in description["class_names"]],
                       np.asarray(description["thresholds"], np.float64), tuple(description["leads"]),
-                      description["preprocessing"])
+                      description["preprocessing"], description.get("split"))
     elif isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
         model = backbone_model(saved, Path(path), config, device)
     else:
@@ -130,9 +146,42 @@ def backbone_model(state, path, config, device):
                  list(CODE15_LABELS), np.full(len(CODE15_LABELS), BACKBONE_THRESHOLD), LEADS, dict(PREPROCESSING))
 
 
-def check_preprocessing(model, applied, what):
-    """A ValueError when the records are (to be) preprocessed otherwise than the model's training
-    records were; a warning where either side does not say."""
+def onnx_session(path, threads=None):
+    """An ONNX Runtime session on the CPU for the file at `path`, on `threads` intra-op threads (None:
+    ONNX Runtime's choice, one per core)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_model(path, threads=None):
+    """A model exported by this script (float32 or int8), run by ONNX Runtime: its metadata says what
+    applying it needs, as a merged file's description does."""
+    try:
+        session = onnx_session(path, threads)
+    except Exception as error:      # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"argument --model: {path} is not an ONNX model ONNX Runtime can load ({detail})") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ONNX_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"argument --model: {path} lacks the metadata predict.py --export writes "
+                         f"({', '.join(missing)}); export the model with predict.py")
+    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if inputs != [ONNX_INPUT] or ONNX_OUTPUTS[0] not in outputs:
+        raise ValueError(f"argument --model: {path} takes {', '.join(inputs)} and gives {', '.join(outputs)}; a file "
+                         f"of predict.py --export takes {ONNX_INPUT} and gives {', '.join(ONNX_OUTPUTS)}")
+    read = {key: json.loads(metadata[key]) for key in ONNX_METADATA if key != "config"}
+    return Model(None, metadata["config"], [str(c) for c in read["class_codes"]], [str(n) for n in read["class_names"]],
+                 np.asarray(read["thresholds"], np.float64), tuple(read["leads"]), read["preprocessing"],
+                 session=session)
+
+
+def check_preprocessing(model, applied, what, flag="--records"):
+    """A ValueError (naming `flag`) when the records are (to be) preprocessed otherwise than the
+    model's training records were; a warning where either side does not say."""
     if model.preprocessing is None:
         log.warning("the model does not record how its training records were preprocessed; assuming as %s", what)
     elif applied is None:
@@ -140,7 +189,7 @@ def check_preprocessing(model, applied, what):
     else:
         differences = settings_differences(model.preprocessing, applied)
         if differences:
-            raise ValueError(f"argument --records: the model was trained on records preprocessed otherwise than "
+            raise ValueError(f"argument {flag}: the model was trained on records preprocessed otherwise than "
                              f"{what} ({differences})")
 
 
@@ -152,6 +201,7 @@ class Batch(NamedTuple):
     inputs: np.ndarray       # (k, 12, 1, SAMPLES) float32, preprocessed as in training
     flat: np.ndarray         # (k, 12) bool: a lead whose samples are all equal (HDF5: all zero)
     skipped: list            # (name, reason, detail) of records not used
+    recorded: list           # (physical signal (12, n) in mV, fs) per record as read; [] from an HDF5
 
 
 @dataclass
@@ -162,7 +212,7 @@ class RecordSource:
 
 
 def skipped_only(skipped):
-    return Batch([], np.zeros((0, NUM_LEADS, 1, SAMPLES), np.float32), np.zeros((0, NUM_LEADS), bool), skipped)
+    return Batch([], np.zeros((0, NUM_LEADS, 1, SAMPLES), np.float32), np.zeros((0, NUM_LEADS), bool), skipped, [])
 
 
 def read_batch(records, leads):
@@ -179,19 +229,23 @@ def read_batch(records, leads):
         rates.append(fs)
         names.append(name)
     flat = np.array([np.ptp(signal, axis=-1) == 0 for signal in signals], bool).reshape(-1, NUM_LEADS)
-    return Batch(names, preprocess_many(signals, rates), flat, skipped)
+    return Batch(names, preprocess_many(signals, rates), flat, skipped, list(zip(signals, rates)))
 
 
-def challenge_source(path, model):
-    """A folder of Challenge records (sub-folders too) or one .hea. Records whose name (file stem)
-    occurs twice are skipped: a name must say which row and which output file is whose."""
-    check_preprocessing(model, PREPROCESSING, "datacollection.py preprocesses records")
+def challenge_source(path, model, only=None, flag="--records"):
+    """A folder of Challenge records (sub-folders too) or one .hea; `only`: the names to take (None:
+    all). Records whose name (file stem) occurs twice are skipped: a name must say which row and
+    which output file is whose."""
+    check_preprocessing(model, PREPROCESSING, "datacollection.py preprocesses records", flag)
     if path.is_dir():
         records, unpaired = find_records(path)
     elif path.with_suffix(".mat").is_file():
         records, unpaired = [(path.stem, path)], []
     else:
         records, unpaired = [], [(path.stem, "missing .mat")]
+    if only is not None:
+        records = [(name, header_path) for name, header_path in records if name in only]
+        unpaired = [(name, reason) for name, reason in unpaired if name in only]
     paths_of = collections.defaultdict(list)
     for name, header_path in records:
         paths_of[name].append(header_path)
@@ -208,30 +262,35 @@ def challenge_source(path, model):
     return RecordSource(path, len(records) + len(up_front), batches)
 
 
-def h5_source(path, model):
-    """An HDF5 of datacollection.py: its records, already preprocessed, by `record_names`."""
+def h5_source(path, model, only=None, flag="--records"):
+    """An HDF5 of datacollection.py: its records, already preprocessed, by `record_names`; `only`:
+    the names to take (None: all)."""
     try:
         with h5py.File(path, "r") as f:
             missing = [key for key in ("record_set", "record_names") if key not in f]
-            total = len(f["record_set"]) if not missing else 0
+            stored = [] if missing else f["record_names"][:]
+            all_names = [n.decode() if isinstance(n, bytes) else str(n) for n in stored]
             applied = json.loads(f.attrs["preprocessing"]) if "preprocessing" in f.attrs else None
     except OSError as error:
-        raise ValueError(f"argument --records: {path} is not a readable HDF5 file ({error})") from None
+        raise ValueError(f"argument {flag}: {path} is not a readable HDF5 file ({error})") from None
     if missing:
-        raise ValueError(f"argument --records: {path} has no {' or '.join(missing)}: not an HDF5 of datacollection.py")
-    check_preprocessing(model, applied, f"{path.name}'s records")
+        raise ValueError(f"argument {flag}: {path} has no {' or '.join(missing)}: not an HDF5 of datacollection.py")
+    check_preprocessing(model, applied, f"{path.name}'s records", flag)
+    rows = [row for row, name in enumerate(all_names) if only is None or name in only]
 
     def batches(size):
         with h5py.File(path, "r") as f:
-            for start in range(0, total, size):
-                inputs = f["record_set"][start:start + size]
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["record_names"][start:start + size]]
-                yield Batch(names, inputs, ~inputs.any(axis=(2, 3)), [])
-    return RecordSource(path, total, batches)
+            for start in range(0, len(rows), size):
+                chosen = rows[start:start + size]
+                contiguous = chosen[-1] - chosen[0] + 1 == len(chosen)    # a slice reads fastest
+                inputs = f["record_set"][chosen[0]:chosen[-1] + 1] if contiguous else f["record_set"][chosen]
+                yield Batch([all_names[row] for row in chosen], inputs, ~inputs.any(axis=(2, 3)), [], [])
+    return RecordSource(path, len(rows), batches)
 
 
-def record_source(path, model):
-    return h5_source(path, model) if path.suffix.lower() in HDF5_SUFFIXES else challenge_source(path, model)
+def record_source(path, model, only=None, flag="--records"):
+    source = h5_source if path.suffix.lower() in HDF5_SUFFIXES else challenge_source
+    return source(path, model, only, flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +298,10 @@ def record_source(path, model):
 # ---------------------------------------------------------------------------------------------
 def probabilities(model, inputs, device):
     """(k, classes) float32: training's own scoring (pipeline_ecg.predict: the model's lead masking,
-    then the sigmoid of the main head), on one batch."""
+    then the sigmoid of the main head), on one batch; an ONNX model's `probabilities` output, which
+    computes the same inside its graph."""
+    if model.session is not None:
+        return model.session.run([ONNX_OUTPUTS[0]], {ONNX_INPUT: np.ascontiguousarray(inputs, np.float32)})[0]
     batch = [(torch.from_numpy(inputs), torch.zeros(len(inputs)))]
     return pipeline_ecg.predict(model.net, batch, device, len(model.leads))[1]
 
@@ -265,6 +327,12 @@ def challenge_output(name, class_codes, labels, probs):
     return "\n".join(lines) + "\n"
 
 
+def plot_title(name, class_names, labels, probs):
+    """The record's name and each class labelled 1, with its probability."""
+    found = [f"{class_name} {p:.3f}" for class_name, label, p in zip(class_names, labels, probs) if label]
+    return f"{name}:  {',  '.join(found)}" if found else f"{name}:  no class at or above its threshold"
+
+
 @contextlib.contextmanager
 def staged_folder(final_dir):
     """A temporary folder beside `final_dir`; its files move into `final_dir` only when the block
@@ -281,13 +349,16 @@ def staged_folder(final_dir):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH):
+def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH, plot_dir=None):
     """Score every usable record of `source`; write the CSV `out` (and one Challenge output file per
-    record into `challenge_dir`). Returns {predicted, skipped: {reason: count}, flat, out}."""
+    record into `challenge_dir`, one PNG printout per record into `plot_dir`). Returns {predicted,
+    skipped: {reason: count}, flat, out}."""
     skipped, predicted, flat_records = collections.Counter(), 0, 0
     model_rows = [LEADS.index(lead) for lead in model.leads]
     staged = staged_folder(challenge_dir) if challenge_dir is not None else contextlib.nullcontext()
+    staged_plots = staged_folder(plot_dir) if plot_dir is not None else contextlib.nullcontext()
     with atomic_path(out) as csv_tmp, open(csv_tmp, "w", newline="") as csv_file, staged as stage, \
+            staged_plots as plot_stage, \
             tqdm(total=source.total, desc=f"predict {source.path.name}", unit="rec", mininterval=1) as bar:
         writer = csv.writer(csv_file)
         writer.writerow(csv_columns(model))
@@ -296,7 +367,7 @@ def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH)
                 log.warning("skipped %s: %s%s", name, reason, f" ({detail})" if detail else "")
                 skipped[reason] += 1
             probs = probabilities(model, batch.inputs, device) if batch.names else []
-            for name, flat, record_probs in zip(batch.names, batch.flat[:, model_rows], probs):
+            for i, (name, flat, record_probs) in enumerate(zip(batch.names, batch.flat[:, model_rows], probs)):
                 record_labels = record_probs >= model.thresholds
                 if flat.any():
                     flat_records += 1
@@ -307,6 +378,10 @@ def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH)
                 if stage is not None:
                     (stage / f"{name}.csv").write_text(challenge_output(name, model.class_codes, record_labels,
                                                                         record_probs))
+                if plot_stage is not None:
+                    signal, fs = batch.recorded[i]
+                    ecg_plot.plot_ecg(plot_stage / f"{name}.png", signal, fs,
+                                      plot_title(name, model.class_names, record_labels, record_probs))
             predicted += len(batch.names)
             bar.update(len(batch.names) + len(batch.skipped))
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "none"
@@ -314,7 +389,12 @@ def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH)
                  source.path, source.total, predicted, sum(skipped.values()), reasons, flat_records)
         if not predicted:
             raise SystemExit(f"predict.py: error: no usable record in {source.path}; nothing written")
-    log.info("wrote %s%s", out, f" and {predicted} Challenge output files in {challenge_dir}" if challenge_dir else "")
+    also = ""
+    if challenge_dir is not None:
+        also += f" and {predicted} Challenge output files in {challenge_dir}"
+    if plot_dir is not None:
+        also += f" and {predicted} pictures in {plot_dir}"
+    log.info("wrote %s%s", out, also)
     return {"predicted": predicted, "skipped": dict(skipped), "flat": flat_records, "out": Path(out)}
 
 
@@ -349,8 +429,9 @@ def onnx_metadata(model):
                        f"(batch, classes) bool, probability >= threshold"}
 
 
-def export_onnx(model, path):
-    """Write `model` as ONNX at a fixed 12 x SAMPLES input and a dynamic batch size."""
+def onnx_proto(model):
+    """`model` as an ONNX ModelProto at a fixed 12 x SAMPLES input and a dynamic batch size, its
+    metadata set."""
     import onnx
 
     for name in ("onnxscript", "onnx_ir"):     # their INFO lines narrate every graph rewrite
@@ -366,11 +447,141 @@ def export_onnx(model, path):
                                     dynamic_shapes={ONNX_INPUT: {0: torch.export.Dim("batch")}})
     proto = program.model_proto
     onnx.helper.set_model_props(proto, onnx_metadata(model))
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    return proto
+
+
+def int8_path(path):
+    """Where --int8 writes the quantized model: FILE.int8.onnx beside FILE.onnx."""
+    return Path(path).with_suffix(INT8_SUFFIX)
+
+
+def export_onnx(model, path, calibration=None):
+    """Write `model` as ONNX at `path`; with `calibration` (a RecordSource), also its int8 model at
+    int8_path(path). Both files appear together, whole, or neither does."""
+    import onnx
+
+    proto = onnx_proto(model)
+    kept = float_nodes(proto) if calibration is not None else {}
+    for node in proto.graph.node:     # the exporter's debugging aids: module scopes, stack traces with this
+        del node.metadata_props[:]    # machine's paths; a tenth of a small model's file
+    with contextlib.ExitStack() as stack:
+        float_tmp = stack.enter_context(atomic_path(path))
+        onnx.save(proto, str(float_tmp))
+        if calibration is not None:
+            quantize_int8(float_tmp, stack.enter_context(atomic_path(int8_path(path))), calibration, kept)
     log.info("wrote %s: input %s (batch, %d, 1, %d); outputs %s", path, ONNX_INPUT, NUM_LEADS, SAMPLES,
              ", ".join(ONNX_OUTPUTS))
+    if calibration is not None:
+        log.info("wrote %s: the same, int8 (%.0f%% of the float32 file's size)", int8_path(path),
+                 100 * int8_path(path).stat().st_size / Path(path).stat().st_size)
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: static quantization by ONNX Runtime, calibrated on the model's validation records
+# ---------------------------------------------------------------------------------------------
+def calibration_source(model, path):
+    """The records --int8 calibrates on: of `path` (None: the HDF5 the model's run split), only those
+    the model names as its validation records, so never a test record. A model that names no split
+    (a backbone, or a merged file written before merged files named theirs) takes every record of
+    `path`, with a warning. A ValueError names what is missing."""
+    split = model.split
+    if split is None:
+        if path is None:
+            raise ValueError("argument --calibrate: needed, since the model names no validation split (a backbone, "
+                             "or a merged file written before merged files named theirs): give an HDF5 or a folder "
+                             "of records it will not be tested on")
+        log.warning("the model names no validation split: calibrating on every record of %s; none should be a "
+                    "record it will be tested on", path)
+        return record_source(path, model, flag="--calibrate")
+    names = split["validation_names"]
+    if names is None:
+        raise ValueError(f"argument --calibrate: the model's validation records have no names ({split['h5']} had no "
+                         f"record_names), so they cannot be told from its test records")
+    if path is None:
+        path = Path(split["h5"])
+        if not path.is_file():
+            raise ValueError(f"argument --calibrate: needed, since {path}, the HDF5 the model's run split, is not "
+                             f"there: give it, or a folder holding the model's validation records")
+    source = record_source(path, model, only=set(names), flag="--calibrate")
+    if source.total == 0:
+        raise ValueError(f"argument --calibrate: none of the {len(names)} records the model was validated on "
+                         f"({', '.join(names[:3])}, ...) is in {path}; give the HDF5 its run split ({split['h5']}) "
+                         f"or a folder holding them (only those are used, never a test record)")
+    log.info("calibrating on the model's validation records found in %s: %d of %d", path, source.total, len(names))
+    return source
+
+
+class CalibrationBatches:
+    """ONNX Runtime's CalibrationDataReader over a RecordSource: {input name: batch} until the records
+    run out (`records` counts them); a record that cannot be read is logged, as predict_records does."""
+
+    def __init__(self, source, batch_size=BATCH):
+        self.batches = source.batches(batch_size)
+        self.records = 0
+
+    def get_next(self):
+        for batch in self.batches:
+            for name, reason, detail in batch.skipped:
+                log.warning("calibration: skipped %s: %s%s", name, reason, f" ({detail})" if detail else "")
+            if batch.names:
+                self.records += len(batch.names)
+                return {ONNX_INPUT: batch.inputs}
+        return None
+
+
+def float_nodes(proto):
+    """{node name: why it stays float32} for the nodes of an exported model that static int8 would
+    harm (measured on the demo's tinylight student: docs/predict.md):
+    - attention's score path (q.k^T, the scale, the causal mask, softmax, p.v): the mask is -3.4e38
+      where a token may not look, so one int8 scale for the masked scores flattens every real score
+      to the same step, and attention becomes a plain average;
+    - layer normalisation: ONNX Runtime's CPU provider has no int8 kernel for it, so quantizing it
+      only adds rounding around the float kernel;
+    - each head's last layer and all that follows (gating, sigmoid, thresholds): the probabilities
+      keep float resolution instead of 256 steps, and the labels their float thresholds."""
+    kept, after_heads = {}, set()
+    for node in proto.graph.node:         # in topological order, as ONNX requires
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
+                       if p.key == "pkg.torch.onnx.name_scopes"), [])
+        if "scaled_dot_product_attention" in scopes or node.op_type == "Softmax":
+            kept[node.name] = "attention scores"
+        elif node.op_type == "LayerNormalization":
+            kept[node.name] = "layer normalisation"
+        elif set(scopes) & {"net.classifier.1", "net.auxiliary_classifier.2"} or after_heads & set(node.input):
+            kept[node.name] = "head outputs"
+            after_heads.update(node.output)
+    return kept
+
+
+def quantize_int8(float_path, out_path, calibration, kept):
+    """The float32 ONNX file at `float_path` statically quantized by ONNX Runtime's tools to
+    `out_path`: its pre-processing (shape inference, constant folding), then QDQ with int8 weights
+    per output channel and uint8 activations per tensor, ranges the min/max over the calibration
+    records; the nodes of `kept` ({name: reason}, float_nodes) stay float32. The file carries the
+    float file's metadata and a `quantization` entry saying how it was made."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    proto = onnx.load(str(float_path))
+    reader = CalibrationBatches(calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized_path = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        # the symbolic pass cannot follow the exporter's shape arithmetic; ONNX's own inference can
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=sorted(kept), calibrate_method=CalibrationMethod.MinMax)
+        quantized = onnx.load(str(quantized_path))
+    how = {"format": "QDQ", "weights": "int8, per output channel", "activations": "uint8, per tensor",
+           "calibration": f"min/max over {reader.records} records of {calibration.path}",
+           "float32": sorted(collections.Counter(kept.values()))}
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(quantized, {**metadata, "quantization": json.dumps(how)})
+    onnx.save(quantized, str(out_path))
+    log.info("int8: calibrated on %d records; kept in float32: %s", reader.records,
+             ", ".join(f"{what} ({count} nodes)" for what, count in sorted(collections.Counter(kept.values()).items()))
+             or "nothing")
 
 
 def missing_onnx_packages(packages=ONNX_PACKAGES):
@@ -407,20 +618,30 @@ def onnx_path(text):
 def build_parser():
     parser = FlagParser(prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=existing_file,
-                        help="merged_*.pt of a finished stage, or a CODE-15 backbone *bias_full_checkpoint.pkl")
+                        help="merged_*.pt of a finished stage, an ONNX file of --export (float32 or int8), or a "
+                             "CODE-15 backbone *bias_full_checkpoint.pkl")
     parser.add_argument("--records", type=records_path, help="folder of Challenge records, one .hea, or an HDF5")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"the CSV: one row per record (default: {DEFAULT_OUT})")
     parser.add_argument("--challenge_outputs", type=Path, default=None, metavar="DIR",
                         help="also one {record}.csv per record here, in the Challenge 2021 output format")
+    parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                        help="also one {record}.png per record here: its 12 leads as recorded, in the clinical 3 x 4 "
+                             "layout with a lead II rhythm strip, titled with each class labelled 1")
     parser.add_argument("--export", type=onnx_path, default=None, metavar="FILE.onnx",
                         help="write the model as ONNX (input (batch, 12, 1, 6144))")
+    parser.add_argument("--int8", action="store_true",
+                        help=f"with --export: also the model statically quantized to int8 by ONNX Runtime, "
+                             f"FILE{INT8_SUFFIX} beside FILE.onnx")
+    parser.add_argument("--calibrate", type=records_path, default=None, metavar="RECORDS",
+                        help="the records --int8 calibrates on: an HDF5 or a folder, of which only the model's "
+                             "validation records are used (default: the HDF5 its run split)")
     parser.add_argument("--config", choices=list(MODEL_CONFIGS), default=None,
                         help="a backbone checkpoint's config (default: from its file name)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
-                        help="CPU threads for scoring, torch's intra-op threads (default: torch's choice, one per core); "
-                             "on a loaded machine fewer can be faster")
+                        help="CPU threads for scoring: torch's intra-op threads, or ONNX Runtime's for an ONNX model "
+                             "(default: their choice, one per core); on a loaded machine fewer can be faster")
     parser.add_argument("--batch_size", type=int_at_least(1), default=BATCH,
                         help=f"records scored together (default: {BATCH})")
     return parser
@@ -430,19 +651,36 @@ def check_flags(parser, args):
     """What no single flag's type can check; fills in --out."""
     if args.records is None and args.export is None:
         parser.error("one of the arguments --records --export is required")
-    if args.records is None and (args.out is not None or args.challenge_outputs is not None):
-        parser.error("argument --out/--challenge_outputs: only with --records")
+    if args.records is None and (args.out is not None or args.challenge_outputs is not None or args.plot is not None):
+        parser.error("argument --out/--challenge_outputs/--plot: only with --records")
     args.out = DEFAULT_OUT if args.out is None else args.out
     if args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a folder; name the CSV file")
-    if args.challenge_outputs is not None and args.challenge_outputs.exists() and not args.challenge_outputs.is_dir():
-        parser.error(f"argument --challenge_outputs: {args.challenge_outputs} exists and is not a folder")
+    for flag, folder in (("--challenge_outputs", args.challenge_outputs), ("--plot", args.plot)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            parser.error(f"argument {flag}: {folder} exists and is not a folder")
+    if args.plot is not None and args.records.suffix.lower() in HDF5_SUFFIXES:
+        parser.error(f"argument --plot: needs the records as recorded (a folder or a .hea); {args.records} holds "
+                     f"them preprocessed")
+    if args.int8 and args.export is None:
+        parser.error("argument --int8: only with --export")
+    if args.calibrate is not None and not args.int8:
+        parser.error("argument --calibrate: only with --int8")
+    is_onnx = args.model.suffix.lower() == ONNX_SUFFIX
+    if is_onnx and args.export is not None:
+        parser.error(f"argument --export: {args.model} is already ONNX; export from the merged_*.pt or backbone it "
+                     f"came from")
+    if is_onnx and args.device == "cuda":
+        parser.error(f"argument --device: {args.model} runs on ONNX Runtime's CPU provider")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: CUDA is not available here")
-    missing = missing_onnx_packages() if args.export is not None else []
-    if missing:
-        parser.error(f"argument --export: needs the packages {', '.join(missing)} (pip install -r requirements.txt, "
-                     f"or pip install onnx onnxscript onnxruntime)")
+    needed = {"--export": ONNX_PACKAGES if args.export is not None else (), "--int8": (ONNX_RUNTIME,) * args.int8,
+              "--model": (ONNX_RUNTIME,) * is_onnx}
+    for flag, packages in needed.items():
+        missing = missing_onnx_packages(packages) if packages else []
+        if missing:
+            parser.error(f"argument {flag}: needs the packages {', '.join(missing)} (pip install -r "
+                         f"requirements.txt, or pip install onnx onnxscript onnxruntime)")
 
 
 def main(argv=None):
@@ -456,16 +694,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     try:
-        model = load_model(args.model, device, args.config)
+        model = load_model(args.model, device, args.config, args.threads)
         source = record_source(args.records, model) if args.records is not None else None
+        calibration = calibration_source(model, args.calibrate) if args.int8 else None
     except ValueError as error:
         parser.error(str(error))
     log.info("model %s: %s, %d classes (%s), leads %s, on %s", args.model, model.config, len(model.class_codes),
-             ", ".join(model.class_names), ", ".join(model.leads), device)
+             ", ".join(model.class_names), ", ".join(model.leads),
+             "the CPU (ONNX Runtime)" if model.session is not None else device)
     if args.export is not None:
-        export_onnx(model, args.export)
+        export_onnx(model, args.export, calibration)
     if source is not None:
-        return predict_records(model, source, args.out, args.challenge_outputs, device, args.batch_size)
+        return predict_records(model, source, args.out, args.challenge_outputs, device, args.batch_size, args.plot)
     return None
 
 

@@ -19,6 +19,15 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
+def published_backbone(shared_data):
+    """The authors' published tinylight CODE-15 backbone in ../shared/data, or a skip where it is absent."""
+    path = shared_data / "published" / "CODE_testtinylightbias_full_checkpoint.pkl"
+    if not path.is_file():
+        pytest.skip(f"published backbone not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """A small converted demo (make_demo's layout and formats), shared by every test that needs one."""
     from synthetic_ecg import make_demo

@@ -27,7 +27,7 @@ PROGRAMS = ("python", "torchrun", "pip")
 PLACEHOLDERS = {"MODEL": "model.pt", "DIR": "records", "FILE": "file", "REC": "record", "STUDENT": "lbitmix-tiny",
                 "S": "18"}
 # Flags whose value a parser checks on disk: made as a file when its name has a suffix, else as a folder
-INPUT_FLAGS = ("--model", "--records", "--teacher")
+INPUT_FLAGS = ("--model", "--records", "--teacher", "--calibrate", "--student_model")
 
 
 def documented_commands():
@@ -68,9 +68,13 @@ def with_placeholders(words):
 
 
 def make_inputs(argv, folder):
-    """The files and folders the parsers check, made under `folder` where the command names them."""
-    for flag, value in zip(argv, argv[1:]):
-        if flag in INPUT_FLAGS:
+    """The files and folders the parsers check, made under `folder` where the command names them
+    (every value of such a flag, up to the next flag)."""
+    flag = None
+    for value in argv:
+        if value.startswith("-"):
+            flag = value
+        elif flag in INPUT_FLAGS:
             path = folder / value
             if path.suffix:
                 path.parent.mkdir(parents=True, exist_ok=True)
