@@ -857,8 +857,8 @@ def step_section(args):
     return results
 
 
-MEMORY_STEP_METHODS = ("ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe",
-                       "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
+MEMORY_STEP_METHODS = ("ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo",
+                       "probe", "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
 
@@ -904,9 +904,8 @@ def _gpu_memory_figures(method, device, config, student_config, batch, bp_batch,
 @section("memory")
 def memory_section(args):
     """GPU-scale memory without a GPU: the simulated allocator peak of one steady-state step of
-    every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate and the paper's fusion, `htuning:NAME`),
-    and of inference by the teacher
-    (--config) and the student (--student_config) on one record and on the batch. The project's
+    every method in MEMORY_STEP_METHODS (H-Tuning also with each newer ZO estimate and the paper's
+    fusion, `htuning:NAME`), and of inference by the teacher (--config) and the student (--student_config) on one record and on the batch. The project's
     own step code runs on FakeTensors under LiveStorageCounter, so nothing is allocated. On a
     GPU, each method is also run for real in its own process, and the measured peak is set
     beside the simulated one."""

@@ -122,8 +122,8 @@ INTERVAL_UNITS = ("samples", "iterations")
 # ---------------------------------------------------------------------------------------------
 EXPERIMENT_FLAGS = (
     "zo_config", "finetune_dataset", "config", "student_config", "seed", "r", "bp_batch", "zo_eps", "q",
-    "aux_weight", "coef", "head_rule", "fusion", "perturbation_mode", "gradient_sparsity", "zo_estimator", "hizoo_smoothing",
-    "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "batch_size", "lr", "ft_lr", "student_lr",
+    "aux_weight", "coef", "head_rule", "fusion", "perturbation_mode", "gradient_sparsity", "zo_estimator",
+    "hizoo_smoothing", "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "batch_size", "lr", "ft_lr", "student_lr",
     "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "interval_unit", "patience",
     "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
     "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
@@ -145,7 +145,7 @@ OLD_SPELLINGS = {
                              "pretrain_lr": "--lr", "pretrain_patience": "--patience", "code15_train": "--train",
                              "code15_valid": "--valid"},
     "datacollection.py": {"preprocessed_dir": "--out", "finetune_dataset": "--datasets", "convert_workers": "--workers",
-                          "code15_dir": "--code15", "code15_valid_fraction": "--valid-fraction"},   # --data-root: a twin
+                          "code15_dir": "--code15", "code15_valid_fraction": "--valid-fraction"},   # --data-root needs no entry: hyphens read as underscores
 }
 
 
@@ -320,7 +320,8 @@ def run_config(run_name="run", **overrides):
                      lr=teacher_lr(step.method, s["batch_size"], s["lr"], s["ft_lr"]),
                      weight_decay=s["weight_decay"], warmup_fraction=s["warmup_fraction"],
                      finetune_epoch=s["finetune_epoch"], doubled_datasets=tuple(s["doubled_datasets"]),
-                     interval=s["interval"], interval_unit=s["interval_unit"], patience=s["patience"], seed=first_seed(s["seed"]), leads=12,
+                     interval=s["interval"], interval_unit=s["interval_unit"], patience=s["patience"],
+                     seed=first_seed(s["seed"]), leads=12,
                      pretrain=s["pretrain"], pretrained=s["pretrained"], checkpoint_dir=Path(s["checkpoint_dir"]),
                      result_dir=Path(s["result_dir"]), run_name=run_name, workers=s["workers"], resume=s["resume"])
 

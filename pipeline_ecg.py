@@ -262,7 +262,8 @@ def validate(training, valid_loader, stage, cfg, device, train_records):
         progress.checks_without_gain += 1
     coef = training.trainer.last_coef
     training.history.append({"iteration": progress.current,
-                             "epoch": round(progress.current * cfg.batch_size / train_records, 4), "train_loss": progress.loss_sum / progress.loss_count,
+                             "epoch": round(progress.current * cfg.batch_size / train_records, 4),
+                             "train_loss": progress.loss_sum / progress.loss_count,
                              "valid_map": valid_map, "lr": training.scheduler.get_last_lr()[0],
                              "coef": "" if coef is None else coef, "seconds": progress.elapsed})
     progress.loss_sum, progress.loss_count = 0.0, 0

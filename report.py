@@ -112,7 +112,7 @@ def summarise_comparison(args, results_by_seed, simulated_mb, scale, prefix):
             entries = [e for results in results_by_seed.values() for e in results
                        if e["dataset"] == dataset and e["method"] == method]
             rows.append({"dataset": dataset, "method": method, "seeds": len(entries),
-                         **mean_and_std(entries, COMPARE_FIGURES + ("memory", "time", "best_valid_map", "iterations")),
+                         **mean_and_std(entries),
                          "trainable_num": int(entries[0]["trainable_num"]), "simulated_gpu_mb": simulated_mb[method],
                          "histories": [e["history"] for e in entries]})
     scale_note = f"simulated GPU peak: {scale['config']}, batch {scale['batch']}, bp_batch {args.bp_batch}, " \
