@@ -44,6 +44,9 @@ PERTURBATIONS = ("gaussian", "rademacher")
 HEAD_RULES = ("whole_batch", "bp_batch")
 # how H-Tuning fuses g_fo and g_zo of the ZO set; `htuning_step` defines each
 FUSIONS = ("normalized", "agreement", "projection")
+# where lora_bp_accum's backprop (BatchNorm on running statistics) takes them from: the backbone's
+# pretrained ones for the whole run, or each batch's, folded in by a no-grad train-mode forward
+BN_RUNNING_STATS = ("frozen", "refreshed")
 # HiZOO probes coordinate i at ε / sqrt(max(|D_i|, floor)): at most 10x MeZO's radius where the
 # curvature estimate D_i has drifted towards zero, so the finite differences stay local
 HESSIAN_FLOOR = 1e-2
@@ -62,6 +65,8 @@ METHODS = {
     "fzoo": "lora",         # FZOO: batched one-sided estimates, step size from the losses' spread
     "probe": "heads",       # linear probe: the floor any fine-tuning should beat
 }
+# the methods that backpropagate through the trunk (H-Tuning in its FO pass): where recomputation applies
+BACKPROP_METHODS = ("htuning", "lora_bp", "lora_bp_accum", "ft")
 # the ZO estimates; htuning takes any of them (cfg.zo_estimator), the other ZO methods their own
 ESTIMATORS = ("two_point", "hizoo", "sparse_mezo", "fzoo")
 ESTIMATOR_OF = {"zo": "two_point", "zo_sign": "two_point", "hizoo": "hizoo", "sparse_mezo": "sparse_mezo",
@@ -89,6 +94,8 @@ class StepConfig:
     sparse_mezo_sparsity: float       # Sparse MeZO: fraction of each ZO tensor (largest |w|) left out
     sparse_mezo_interval: int         # Sparse MeZO: steps between recomputing the mask
     fzoo_directions: int              # FZOO: one-sided estimates per step
+    recompute: bool                   # backprop keeps each block's input only and runs the block again in backward
+    bn_running_stats: str             # lora_bp_accum's BatchNorm statistics: a name in BN_RUNNING_STATS
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +110,9 @@ class StepConfig:
                                                                          or int(self.q) != 1):
             raise ValueError("fusion projection corrects g_fo along the one direction of a two-point estimate; "
                              "FZOO's estimate and q > 1 have several: use fusion normalized")
+        if self.bn_running_stats not in BN_RUNNING_STATS:
+            raise ValueError(f"unknown bn_running_stats {self.bn_running_stats!r}; choose from "
+                             f"{', '.join(BN_RUNNING_STATS)}")
         if self.zo_estimator not in ESTIMATORS:
             raise ValueError(f"unknown zo_estimator {self.zo_estimator!r}; choose from {', '.join(ESTIMATORS)}")
         if int(self.q) < 1:
@@ -129,6 +139,26 @@ class StepConfig:
     @property
     def uses_zo(self):
         return self.estimator is not None
+
+    def fields_read(self):
+        """The fields this method's step reads, the others set as they are: a setting of any other
+        field has no effect (main.py refuses such a flag)."""
+        read = {"method", "aux_weight"}
+        if self.method in BACKPROP_METHODS:
+            read.add("recompute")
+        if self.method in ("htuning", "lora_bp_accum"):
+            read.add("bp_batch")
+        if self.method == "lora_bp_accum":
+            read.add("bn_running_stats")
+        if self.method == "htuning":
+            read |= {"head_rule", "fusion", "zo_estimator"} | ({"coef"} if self.fusion != "projection" else set())
+        estimator = self.estimator
+        if estimator is not None:
+            read |= {"zo_eps", "gradient_sparsity"} | ({"fzoo_directions"} if estimator == "fzoo"
+                                                        else {"q", "perturbation_mode"})
+            read |= {"hizoo": {"hizoo_smoothing"},
+                     "sparse_mezo": {"sparse_mezo_sparsity", "sparse_mezo_interval"}}.get(estimator, set())
+        return read
 
 
 def compute_loss(aux, main, labels, aux_weight, soft_targets=None):
@@ -183,11 +213,11 @@ def module_modes(model, phase):
 
 
 @contextlib.contextmanager
-def recomputing(model):
-    """Ask the model to recompute activations in backward instead of storing them, where it can
-    (an attribute `recompute_in_backward`; other models run as they are). Same gradients, far
-    less memory: H-Tuning's FO pass is then lighter than its whole-batch ZO passes."""
-    if not hasattr(model, "recompute_in_backward"):
+def recomputing(model, enabled=True):
+    """With `enabled`, ask the model to recompute activations in backward instead of storing them,
+    where it can (an attribute `recompute_in_backward`; other models run as they are). Same
+    gradients and running statistics, far less memory, one more forward of the trunk in time."""
+    if not enabled or not hasattr(model, "recompute_in_backward"):
         yield
         return
     saved, model.recompute_in_backward = model.recompute_in_backward, True
@@ -442,7 +472,7 @@ class HalfTrainer:
         for p in self.head_params:  # else the FO pass's backward would add into the kept gradients
             p.grad = None
         bp = self.cfg.bp_batch
-        with module_modes(self.model, "fo"), recomputing(self.model):
+        with module_modes(self.model, "fo"), recomputing(self.model, self.cfg.recompute):
             self._loss(inputs[:bp], labels[:bp]).backward()
         if head_grads is not None:
             for p, g in zip(self.head_params, head_grads):
@@ -574,23 +604,31 @@ class HalfTrainer:
         return loss
 
     def backprop_step(self, inputs, labels, current=0, total=1, soft_targets=None):
-        """Plain backprop on the full batch (LoRA or full, whatever is trainable); with soft targets, KD."""
+        """Plain backprop on the full batch (LoRA or full, whatever is trainable), BatchNorm on the
+        batch's statistics (and updating the running ones once); with soft targets, KD."""
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
-        loss = self._loss(inputs, labels, soft_targets)
-        loss.backward()
+        with recomputing(self.model, self.cfg.recompute):
+            loss = self._loss(inputs, labels, soft_targets)
+            loss.backward()
         self._apply()
         return float(loss.detach())
 
     def accumulation_step(self, inputs, labels, current=0, total=1, soft_targets=None):
         """LoRA backprop at the memory of H-Tuning's FO pass: the batch in micro-batches of bp_batch,
-        each backpropagated in the FO pass's modes (BatchNorm on its running statistics, blocks
-        recomputed in backward) with its loss weighted by its share of the batch. Every sample is
-        then on its own, so the summed gradient is exactly the whole batch's; the time is a full
-        backprop's, plus the recomputation."""
+        each backpropagated in the FO pass's modes (BatchNorm on its running statistics) with its
+        loss weighted by its share of the batch. Every sample is then on its own, so the summed
+        gradient is exactly the whole batch's; the time is a full backprop's (plus the
+        recomputation, with cfg.recompute). The running statistics stay the pretrained ones
+        (bn_running_stats "frozen"), or ("refreshed") take this batch's moments first, from one
+        no-grad train-mode forward of the trunk, as H-Tuning's ZO passes and a train-mode
+        backprop fold theirs in."""
         self.optimizer.zero_grad(set_to_none=True)
         size, bp, loss_sum = len(inputs), self.cfg.bp_batch, 0.0
-        with module_modes(self.model, "fo"), recomputing(self.model):
+        if self.cfg.bn_running_stats == "refreshed":
+            with torch.no_grad(), module_modes(self.model, "zo"):
+                self.model.feature_extraction(inputs)
+        with module_modes(self.model, "fo"), recomputing(self.model, self.cfg.recompute):
             for start in range(0, size, bp):
                 part = slice(start, start + bp)
                 share = (min(size, start + bp) - start) / size

@@ -778,15 +778,18 @@ def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MOD
     import torch
 
     import main
-    from Half_Trainer import METHODS
+    from Half_Trainer import ESTIMATORS, METHODS
     from simulated_memory import training_setup
 
-    method, _, estimator = method.partition(":")   # htuning:hizoo is H-Tuning with HiZOO's estimate
+    method, _, variant = method.partition(":")   # see MEMORY_STEP_METHODS
     if method not in (*METHODS, "htuning_naive", "floor"):
         raise ValueError(f"unknown step method {method!r}; choose from: {', '.join([*METHODS, 'htuning_naive', 'floor'])}")
+    estimator = variant if variant in ESTIMATORS else None
     step_cfg = main.step_config(zo_config=method if method in METHODS else "htuning", bp_batch=bp_batch,
                                 zo_estimator=estimator or main.zo_estimator,
-                                fusion="normalized" if estimator else main.fusion)   # FZOO's takes no projection
+                                fusion="normalized" if estimator else main.fusion,   # FZOO's takes no projection
+                                recompute=main.recompute and variant != "no_recompute",
+                                bn_running_stats="refreshed" if variant == "refreshed" else main.bn_running_stats)
     parts = training_setup(step_cfg, device, config, batch, num_class, LORA_RANK, main.weight_decay, samples)
     model, x, y = parts.model, parts.x, parts.y
     if method == "htuning_naive":
@@ -857,8 +860,12 @@ def step_section(args):
     return results
 
 
+# method:variant is the method with one setting changed: H-Tuning with another ZO estimate, a
+# backprop without recomputation (no_recompute), accumulation refreshing BatchNorm's statistics
 MEMORY_STEP_METHODS = ("ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo",
-                       "probe", "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo")  # method:zo_estimator
+                       "probe", "htuning:hizoo", "htuning:sparse_mezo", "htuning:fzoo", "ft:no_recompute",
+                       "lora_bp:no_recompute", "lora_bp_accum:no_recompute", "htuning:no_recompute",
+                       "lora_bp_accum:refreshed")
 MEMORY_NUM_CLASS = 23
 MEMORY_STUDENT = "tinylight"
 

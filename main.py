@@ -25,7 +25,7 @@ from pathlib import Path
 
 import report
 from ecg_dataset import find_dataset_h5, load_experiment_datasets
-from Half_Trainer import ALIASES, ESTIMATORS, FUSIONS, HEAD_RULES, METHODS, PERTURBATIONS, StepConfig
+from Half_Trainer import ALIASES, BN_RUNNING_STATS, ESTIMATORS, FUSIONS, HEAD_RULES, METHODS, PERTURBATIONS, StepConfig
 from helper_code import (CHALLENGE_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT,
                          FlagParser, float_in, get_device, int_at_least, setup_logging)
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
@@ -57,6 +57,8 @@ hizoo_smoothing = 1e-6               # HiZOO: weight of each step's Hessian esti
 sparse_mezo_sparsity = 0.75          # Sparse MeZO: fraction of each ZO tensor, its largest |w|, left unperturbed
 sparse_mezo_interval = 1             # Sparse MeZO: steps between recomputing the magnitude mask
 fzoo_directions = 8                  # FZOO: one-sided Rademacher estimates per step (their spread sets the step)
+recompute = True                     # every backprop (ft, lora_bp, lora_bp_accum, htuning's FO) recomputes blocks in backward
+bn_running_stats = "frozen"          # lora_bp_accum's BatchNorm statistics: frozen (the backbone's) or refreshed (each batch's)
 # ---- the schedule ----
 batch_size = 128
 lr = None                            # teacher; None: ft_lr for ft, else 0.0025 when batch_size > 64, else 0.001
@@ -123,7 +125,8 @@ INTERVAL_UNITS = ("samples", "iterations")
 EXPERIMENT_FLAGS = (
     "zo_config", "finetune_dataset", "config", "student_config", "seed", "r", "bp_batch", "zo_eps", "q",
     "aux_weight", "coef", "head_rule", "fusion", "perturbation_mode", "gradient_sparsity", "zo_estimator",
-    "hizoo_smoothing", "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "batch_size", "lr", "ft_lr", "student_lr",
+    "hizoo_smoothing", "sparse_mezo_sparsity", "sparse_mezo_interval", "fzoo_directions", "recompute",
+    "bn_running_stats", "batch_size", "lr", "ft_lr", "student_lr",
     "weight_decay", "warmup_fraction", "finetune_epoch", "doubled_datasets", "interval", "interval_unit", "patience",
     "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
     "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
@@ -184,6 +187,8 @@ def flag_spec(name):
         "fusion": dict(choices=FUSIONS),
         "interval_unit": dict(choices=INTERVAL_UNITS),
         "zo_estimator": dict(choices=ESTIMATORS),
+        "recompute": dict(action=argparse.BooleanOptionalAction),
+        "bn_running_stats": dict(choices=BN_RUNNING_STATS),
         "leads_for_student": dict(type=int, choices=sorted(KEPT_LEADS, reverse=True)),
         "distill": dict(action=argparse.BooleanOptionalAction),
         "pretrained": dict(action=argparse.BooleanOptionalAction),
@@ -260,19 +265,34 @@ def settings_from(parser, argv):
     if "teacher" in settings:
         check_stage_flags(parser, args)
     if "zo_estimator" in settings:
-        check_step_flags(parser, args)
+        check_step_flags(parser, args, given)
     return args
 
 
-def check_step_flags(parser, args):
-    """The step's settings together, as StepConfig checks them, but up front and in one line."""
+def check_step_flags(parser, args, given):
+    """The step's settings together, as StepConfig checks them, but up front and in one line; and
+    no flag given that no trained method reads (--coef under fusion projection, --bp_batch for
+    lora_bp, --r for ft, a searched setting in a search, ...)."""
     methods = args.compare_methods if args.zo_config == "compare" and "compare_methods" in vars(args) else [
         "htuning" if args.zo_config == "search" else args.zo_config]
+    step_cfgs = []
     for method in methods:
         try:
-            step_config(**{**vars(args), "zo_config": method})
+            step_cfgs.append(step_config(**{**vars(args), "zo_config": method}))
         except ValueError as error:
             parser.error(f"argument --zo_config {method}: {error}")
+    if args.stage == "student":   # the teacher comes from --teacher or is not used: no step of its runs
+        return
+    read = set().union(*(cfg.fields_read() for cfg in step_cfgs))
+    if any(METHODS[cfg.method] == "lora" for cfg in step_cfgs):
+        read.add("r")
+    searched = {grid.removeprefix("search_") for grid in SEARCH_GRID} if args.zo_config == "search" else set()
+    for name in [*(f.name for f in fields(StepConfig)), "r"]:
+        if name in given and (name not in read or name in searched):
+            ignoring = (f"a search (--search_{name} sets it)" if name in searched else
+                        ", ".join(f"htuning (fusion {cfg.fusion}, zo_estimator {cfg.zo_estimator})"
+                                  if cfg.method == "htuning" else cfg.method for cfg in step_cfgs))
+            parser.error(f"argument --{name}: has no effect on {ignoring}; leave it out")
 
 
 def check_stage_flags(parser, args):

@@ -31,9 +31,10 @@ from tqdm import tqdm
 import evaluation
 from ecg_dataset import record_names
 from Half_Trainer import METHODS, HalfTrainer, StepConfig
-from helper_code import LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything
-from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, load_adapter_state,
-                           load_pretrained, mark_trainable, mask_leads)
+from helper_code import (LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything,
+                         state_digest)
+from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, draw_heads,
+                           heads_state, load_adapter_state, load_pretrained, mark_trainable, mask_leads)
 from runs import Progress, Stage, random_states, restore_random_states
 
 log = logging.getLogger("adagrad_fusion.pipeline_ecg")
@@ -130,8 +131,10 @@ def mean_average_precision(labels, scores):
 
 
 def build_net(cfg, num_class, positive_probably):
-    """The run's backbone, loaded from its CODE-15 checkpoint, with requires_grad set for the method."""
+    """The run's backbone, its heads drawn from the run's seed (the same for every method), loaded
+    from its CODE-15 checkpoint, with requires_grad set for the method."""
     net = build_model(cfg.config, num_class, r=cfg.rank, positive_probably=positive_probably)
+    draw_heads(net, cfg.seed)
     if cfg.pretrained:
         path = pretrained_path(cfg.checkpoint_dir, cfg.pretrain, cfg.config)
         check_pretrained(path, cfg.config)
@@ -175,16 +178,19 @@ class Training:
     progress: Progress = field(default_factory=Progress)
     history: list = field(default_factory=list)
     order_epoch_start: torch.Tensor = None       # `order`'s state at the current epoch's start
+    initial_heads_digest: str = ""               # the heads it started from: equal for every method of a seed
 
 
 def start_training(cfg, data, device, total):
     seed_everything(cfg.seed)
     net = build_net(cfg, data.train.num_classes, data.positive_probably).to(device)
+    heads_digest = state_digest(heads_state(net))
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_linear_decay(optimizer, total, cfg.warmup_fraction)
     return Training(net, optimizer, scheduler, HalfTrainer(net, optimizer, scheduler, cfg.step, cfg.seed),
-                    np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed))
+                    np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed),
+                    initial_heads_digest=heads_digest)
 
 
 def resumable_state(training, trains):
@@ -202,16 +208,17 @@ def resume_training(training, saved, trains, device):
     restore_random_states(saved["random"], training.cutmix_rng, training.order, training.trainer)
 
 
-def validation_due(cfg, current, total):
-    """Whether the loop validates after step `current`: at the budget's end, and each time the steps
-    done (interval_unit "iterations") or the samples seen, steps x batch_size ("samples"), reach a
+def validation_due(cfg, progress, batch_samples, total):
+    """Whether the loop validates after the step just recorded in `progress`, of `batch_samples`
+    samples: at the budget's end, and each time the steps done (interval_unit "iterations") or the
+    samples seen ("samples", a partial last batch of an epoch counted as what it holds) reach a
     multiple of `interval`. Counting samples gives every batch size validations (and patience) at
     the same points of the data: at batch 8 an interval of 256 samples is 32 steps, at 32 it is 8."""
-    if current == total:
+    if progress.current == total:
         return True
     if cfg.interval_unit == "iterations":
-        return current % cfg.interval == 0
-    return current * cfg.batch_size // cfg.interval > (current - 1) * cfg.batch_size // cfg.interval
+        return progress.current % cfg.interval == 0
+    return progress.samples // cfg.interval > (progress.samples - batch_samples) // cfg.interval
 
 
 def stopped(progress, cfg, total):
@@ -220,12 +227,12 @@ def stopped(progress, cfg, total):
 
 def batches(train, cfg, training, total):
     """Training batches, epoch after epoch, each epoch in the order of a fresh permutation. A resumed
-    run has `order` rewound to its epoch's start and skips the batches it had done. Ends when the
+    run has `order` rewound to its epoch's start and skips the batches it had done; either way the
+    state before the permutation is the epoch's start, which a resumable state saves. Ends when the
     budget is spent or patience runs out."""
     progress = training.progress
     while not stopped(progress, cfg, total):
-        if progress.batch_in_epoch == 0:
-            training.order_epoch_start = training.order.get_state()
+        training.order_epoch_start = training.order.get_state()
         order = torch.randperm(len(train), generator=training.order)[progress.batch_in_epoch * cfg.batch_size:]
         for batch in torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, sampler=order.tolist(),
                                                  num_workers=cfg.workers):
@@ -262,7 +269,7 @@ def validate(training, valid_loader, stage, cfg, device, train_records):
         progress.checks_without_gain += 1
     coef = training.trainer.last_coef
     training.history.append({"iteration": progress.current,
-                             "epoch": round(progress.current * cfg.batch_size / train_records, 4),
+                             "epoch": round(progress.samples / train_records, 4),
                              "train_loss": progress.loss_sum / progress.loss_count,
                              "valid_map": valid_map, "lr": training.scheduler.get_last_lr()[0],
                              "coef": "" if coef is None else coef, "seconds": progress.elapsed})
@@ -307,10 +314,10 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
         for x, y in batches(data.train, cfg, training, total):
             step_start = time.perf_counter()
             loss = train_step(training, x, y, teacher, cfg, total, device)
-            progress.record(loss, time.perf_counter() - step_start)
+            progress.record(loss, time.perf_counter() - step_start, len(x))
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if validation_due(cfg, progress.current, total):
+            if validation_due(cfg, progress, len(x), total):
                 progress.elapsed = time.perf_counter() - started
                 valid_map = validate(training, valid_loader, stage, cfg, device, len(data.train))
                 bar.set_postfix(loss=f"{loss:.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
@@ -324,7 +331,7 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     result, thresholds = score(net, valid_loader, test_loader, data.class_codes, cfg.leads, device)
     result.update(trainable_num=trainable_num, memory=peak.peak_mb,
                   time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
-                  best_valid_map=progress.best_map, role=role, config=cfg.config, method=cfg.method,
+                  best_valid_map=progress.best_map, initial_heads_digest=training.initial_heads_digest, role=role, config=cfg.config, method=cfg.method,
                   r=cfg.rank, leads=cfg.leads, dataset=dataset, checkpoint=str(stage.merged),
                   history=str(stage.history))
     stage.save_merged(result=_result_to_tensors(result),

@@ -186,13 +186,15 @@ class Progress:
     step_seconds: float = 0.0           # inside the step only: the reported s/iteration
     elapsed: float = 0.0                # wall seconds of the stage, across resumes
     batch_in_epoch: int = 0
+    samples: int = 0                    # training samples seen
     loss_sum: float = 0.0
     loss_count: int = 0
 
-    def record(self, loss, seconds):
-        """One training step done: its loss and the seconds it took."""
+    def record(self, loss, seconds, samples):
+        """One training step done: its loss, the seconds it took and the samples it saw."""
         self.current += 1
         self.batch_in_epoch += 1
+        self.samples += samples
         self.loss_sum += loss
         self.loss_count += 1
         self.step_seconds += seconds

@@ -4,6 +4,7 @@ named configs of every family (`build_model`), and checkpoints.
 Parameter and buffer names match the published CODE-15 checkpoints key for key, so a
 published file loads by name; the LoRA adapters sit beside the weights they update.
 """
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -198,10 +199,27 @@ def _call(block, *inputs):
     return block(*inputs)
 
 
+@contextlib.contextmanager
+def _running_statistics_kept(block):
+    """While `block` runs again in backward: its train-mode BatchNorms normalise by the batch, as in
+    the first run, and their running statistics, which that run updated already, are put back
+    as they were after it."""
+    buffers = [b for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    kept = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        for b, value in zip(buffers, kept):
+            b.copy_(value)
+
+
 def _recomputed(block, *inputs):
-    """block(*inputs) saving only the inputs for backward: the block runs again in backward, with
-    the same values (it holds no state that a forward changes), so the gradients are the same."""
-    return checkpoint(block, *inputs, use_reentrant=False)
+    """block(*inputs) saving only the inputs for backward: the block runs again in backward with
+    the same values (BatchNorm by the same batch, or the same running statistics), and the
+    running statistics are updated once, by the first run, so gradients and buffers are the same."""
+    return checkpoint(block, *inputs, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_statistics_kept(block)))
 
 
 class NN_default(TwoHeadNet):
@@ -241,7 +259,7 @@ class NN_default(TwoHeadNet):
         self.fused_attention = True
         # Trade recomputation for memory where the numbers stay the same: a forward without
         # autograd streams the batch through the encoder in pieces (see `_streamed_encoder`),
-        # and, while `recompute_in_backward` is set (a trainer's FO pass), a forward with
+        # and, while `recompute_in_backward` is set (a trainer's backprop), a forward with
         # autograd keeps only each block's input and recomputes the block in backward.
         # False: the plain forward everywhere.
         self.lean_forward = True
@@ -258,8 +276,7 @@ class NN_default(TwoHeadNet):
             if not self._batch_statistics():  # every sample on its own: the whole network piece by piece
                 return torch.cat([self._features(piece, _call) for piece in x.chunk(STREAM_CHUNKS)])
             return self._features(x, _call, encoder=self._streamed_encoder)
-        recompute = self.lean_forward and self.recompute_in_backward and not self._batch_statistics()
-        return self._features(x, _recomputed if recompute else _call)
+        return self._features(x, _recomputed if self.lean_forward and self.recompute_in_backward else _call)
 
     def _batch_statistics(self):
         """Whether a BatchNorm normalises by the batch (train mode, or no running statistics)."""

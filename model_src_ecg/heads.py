@@ -5,6 +5,8 @@ A family subclasses `TwoHeadNet`, builds its trunk, calls `add_heads`, and imple
 rely only on what is here: the heads are the top-level children named in HEAD_NAMES, everything
 else is the trunk.
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -16,6 +18,27 @@ HEAD_NAMES = ("classifier", "auxiliary_classifier")
 def ranks_per_layer(r, num_layers):
     """One LoRA rank per counted layer: `r` repeated, or `r` itself when it is already a list."""
     return [r] * num_layers if isinstance(r, int) else list(r)
+
+
+def draw_heads(net, seed):
+    """Draw the heads' layers afresh from a generator of their own, seeded by `seed`, by nn.Linear's
+    own rule (adapters keep theirs). Every method then starts from the same heads, whatever it drew
+    before them (a LoRA model draws its trunk's adapters first); a backbone file then overwrites
+    the layer it holds (classifier.0)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name in HEAD_NAMES:
+            for layer in getattr(net, name).modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1 / math.sqrt(layer.in_features)
+                    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def heads_state(net):
+    """The heads' weights as a model without adapters holds them (adapters left out: B is zero at
+    the start, so they change nothing there)."""
+    return {k: v for k, v in net.state_dict().items() if belongs_to_heads(k) and "lora_" not in k}
 
 
 def belongs_to_heads(name):

@@ -47,6 +47,15 @@ BAD_MAIN_FLAGS = [
     (["--zo_config", "search", "--search_bp_batch", "4", "500"], "--search_bp_batch"),
     (["--search_zo_eps", "0"], "--search_zo_eps"),
     (["--demo", "--r", "-3"], "--r"),
+    # flags the chosen methods never read
+    (["--coef", "0.5"], "--coef"),                                       # fusion projection has no c
+    (["--zo_config", "lora_bp", "--bp_batch", "4"], "--bp_batch"),
+    (["--zo_config", "ft", "--r", "4"], "--r"),
+    (["--zo_config", "probe", "--no-recompute"], "--recompute"),
+    (["--bn_running_stats", "refreshed"], "--bn_running_stats"),         # htuning's ZO passes refresh them
+    (["--zo_config", "zo", "--fzoo_directions", "4"], "--fzoo_directions"),
+    (["--zo_config", "search", "--zo_eps", "1e-4"], "--zo_eps"),
+    (["--zo_config", "compare", "--compare_methods", "ft", "probe", "--bp_batch", "4"], "--bp_batch"),
 ]
 
 
@@ -60,6 +69,17 @@ def test_main_refuses_bad_values_in_one_line(flags, named, tmp_path, capsys, mon
     assert stop.value.code == 2 and not touched
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("main.py: error: argument ") and named in err[0]
+
+
+@pytest.mark.parametrize("flags", [["--coef", "0.5", "--fusion", "normalized"],
+                                   ["--zo_config", "lora_bp_accum", "--bp_batch", "4", "--bn_running_stats", "refreshed"],
+                                   ["--zo_config", "compare", "--compare_methods", "ft", "htuning", "--bp_batch", "4"],
+                                   ["--zo_config", "ft", "--no-recompute"],
+                                   ["--zo_config", "zo", "--zo_eps", "1e-4", "--q", "2"]])
+def test_main_takes_flags_that_a_chosen_method_reads(flags):
+    args = main.settings_from(main.build_parser(), flags)
+    assert all(getattr(args, flag.lstrip("-").removeprefix("no-"), None) is not None for flag in flags
+               if flag.startswith("--"))
 
 
 def test_pipeline_stage_and_teacher_combinations_are_checked(tmp_path, capsys):

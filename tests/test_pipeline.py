@@ -14,7 +14,7 @@ import torch
 
 import main
 import pipeline_ecg
-from runs import load_results
+from runs import Progress, load_results
 from ecg_dataset import load_experiment_datasets
 from helper_code import DEMO_CLASSES
 from model_src_ecg import build_model
@@ -23,7 +23,7 @@ from pipeline_pretrain import pretrain
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tinylight"          # teacher and student alike: seconds per run
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "1",
-        "--interval", "32", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4"]
+        "--interval", "32", "--finetune_label_ratio", "0.3"]   # r and bp_batch: the defaults, read by the methods that use them
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +142,46 @@ def test_validations_fall_at_the_same_samples_for_every_batch_size():
     def validated(batch_size, **settings):
         cfg = main.run_config(batch_size=batch_size, bp_batch=min(8, batch_size), **settings)
         total = 4 * 256 // batch_size
-        return [step * batch_size for step in range(1, total + 1) if pipeline_ecg.validation_due(cfg, step, total)]
+        progress, due = Progress(), []
+        for _ in range(total):
+            progress.record(0.0, 0.0, batch_size)
+            if pipeline_ecg.validation_due(cfg, progress, batch_size, total):
+                due.append(progress.samples)
+        return due
     samples = [256, 512, 768, 1024]
     assert validated(32, interval=256) == validated(8, interval=256) == samples
     assert validated(20, interval=256) == [260, 520, 780, 1020]   # the first step past each multiple, and the end
     assert validated(8, interval=8, interval_unit="iterations") == [64 * k for k in range(1, 17)]
     assert validated(32, interval=8, interval_unit="iterations") == samples
+
+
+def test_samples_are_counted_as_seen_a_partial_last_batch_as_what_it_holds(tiny_demo, backbones, tmp_path):
+    """39 training records at batch 16 are 16 + 16 + 7 an epoch: 39 samples, not 48, so an
+    interval of 39 samples validates once an epoch and the history's epoch column counts whole epochs."""
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.25, seed=5)
+    train_records = len(data.train)
+    assert train_records % 16, "the split must leave a partial last batch for this test"
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=3, interval=train_records,
+                          patience=10, checkpoint_dir=backbones, result_dir=tmp_path, run_name="samples")
+    result, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
+    with open(result["history"]) as f:
+        epochs = [float(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == [1.0, 2.0, 3.0]
+
+
+def test_every_method_starts_from_the_same_heads(tiny_demo, backbones, tmp_path):
+    """The heads come from a generator of their own, seeded by the run's seed: ft and probe (no
+    adapters) start from the heads the LoRA methods start from, whatever the adapters drew before."""
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
+    digests = {}
+    for method in ("ft", "lora_bp", "lora_bp_accum", "htuning", "probe"):
+        cfg = main.run_config(zo_config=method, config=CONFIG, batch_size=16, seed=5, checkpoint_dir=backbones,
+                              result_dir=tmp_path)
+        digests[method] = pipeline_ecg.start_training(cfg, data, torch.device("cpu"), 10).initial_heads_digest
+    assert len(set(digests.values())) == 1, digests
+    other_seed = main.run_config(zo_config="ft", config=CONFIG, batch_size=16, seed=6, checkpoint_dir=backbones,
+                                 result_dir=tmp_path)
+    assert pipeline_ecg.start_training(other_seed, data, torch.device("cpu"), 10).initial_heads_digest != digests["ft"]
 
 
 def test_reduced_leads_ignore_the_other_leads(tiny_demo):
@@ -256,6 +290,8 @@ def test_compare_fine_tunes_every_method_on_one_split_and_resumes(tiny_demo, bac
         assert [e["method"] for e in by_seed[seed]] == methods
         splits = {torch.load(e["checkpoint"], weights_only=True)["settings"]["split"] for e in by_seed[seed]}
         assert len(splits) == 1                                    # every method on the seed's one split
+        assert len({e["initial_heads_digest"] for e in by_seed[seed]}) == 1   # and from the seed's one start
+    assert by_seed[3][0]["initial_heads_digest"] != by_seed[4][0]["initial_heads_digest"]
     (summary,) = tmp_path.glob("*compare*_summary_0.csv")
     rows = {row["method"]: row for row in csv.DictReader(open(summary))}
     assert list(rows) == methods

@@ -30,7 +30,7 @@ log = logging.getLogger("tests.test_predict")
 CONFIG = "tinylight"
 RATIO, SEED = 0.3, 18
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "1",
-        "--interval", "32", "--finetune_label_ratio", str(RATIO), "--r", "4", "--bp_batch", "4", "--seed", str(SEED)]
+        "--interval", "32", "--finetune_label_ratio", str(RATIO), "--seed", str(SEED)]
 RUN_BATCH = 16   # the run's test loader's batch: predicting in the same batches gives the very same scores
 
 

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tinylight"
 # 48 training records at batch 16: 3 iterations an epoch, 12 a stage, a validation every 32 samples (2 iterations)
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "4",
-        "--interval", "32", "--patience", "10", "--finetune_label_ratio", "0.3", "--r", "4", "--bp_batch", "4",
+        "--interval", "32", "--patience", "10", "--finetune_label_ratio", "0.3",
         "--finetune_dataset", "WFDB_Demo", "--device", "cpu"]
 COMPARED = ("auc_roc_macro", "F1score_b", "Map_value", "best_valid_map", "iterations")
 
@@ -129,6 +129,41 @@ def test_ctrl_c_in_the_student_leaves_the_teacher_finished_and_resumes_exactly(t
                 assert row[column] == reference_row[column], column
         assert (rows[0]["coef"] != "") == (role == "teacher" and main.fusion != "projection")
         assert float(rows[-1]["seconds"]) > 0
+
+
+def test_two_interruptions_mid_epoch_then_two_resumes_give_the_uninterrupted_numbers(tiny_demo, backbone, tmp_path,
+                                                                                       monkeypatch):
+    """A validation after every iteration (16 samples), 3 iterations an epoch: stopped before
+    iteration 5 (the state of iteration 4, an epoch's first), resumed and stopped again before
+    iteration 7, so the second resumable state was written by a run that began mid-epoch and
+    validated twice in it; the second resume then ends exactly where an uninterrupted run does."""
+    every_iteration = ("--stage", "teacher", "--interval", "16")
+    (reference,) = main.main(argv_for(tiny_demo, run_dirs(tmp_path / "reference", backbone), *every_iteration))
+    dirs = run_dirs(tmp_path / "interrupted", backbone)
+    real_step = HalfTrainer.step
+
+    def stop_at_call(n):
+        calls = []
+
+        def step(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real_step(self, *args, **kwargs)
+        return step
+
+    for stop_before, flags in ((5, ()), (3, ("--resume",))):   # iterations 1-4, then 5-6
+        monkeypatch.setattr(HalfTrainer, "step", stop_at_call(stop_before))
+        with pytest.raises(SystemExit) as stop:
+            main.main(argv_for(tiny_demo, dirs, *every_iteration, *flags))
+        assert stop.value.code == 130
+    saved = torch.load(next(Path(dirs[1]).glob("resume_*_teacher.pt")), weights_only=True)
+    assert saved["progress"]["current"] == 6 and saved["random"]["order"] is not None
+    monkeypatch.setattr(HalfTrainer, "step", real_step)
+    (resumed,) = main.main(argv_for(tiny_demo, dirs, *every_iteration, "--resume"))
+    for key in COMPARED:
+        assert resumed[key] == reference[key], key
+    np.testing.assert_array_equal(resumed["thresholds"], reference["thresholds"])
 
 
 def test_resume_with_nothing_to_resume_or_other_settings_starts_fresh(tiny_demo, backbone, tmp_path, monkeypatch,

@@ -337,6 +337,32 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(size, bp_batch):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=f"{name}: accumulated gradient differs")
 
 
+@pytest.mark.parametrize("running_stats", ["frozen", "refreshed"])
+def test_accumulation_refreshes_batch_norm_statistics_only_when_asked(running_stats):
+    """bn_running_stats "refreshed": one no-grad train-mode forward of the batch folds its moments
+    into the running statistics (once), and the micro-batches then backpropagate on them; "frozen"
+    leaves the backbone's statistics as they are. Either way the gradient is the whole batch's in
+    the FO pass's modes, on the statistics in force."""
+    model = lora_model("cpu", dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    x, y = batch("cpu", dtype=torch.float64)
+    trainer = make_trainer(model, make_args("lora_bp_accum", bn_running_stats=running_stats))
+    trainer.accumulation_step(x, y)
+    if running_stats == "refreshed":
+        with torch.no_grad(), module_modes(reference, "zo"):
+            reference.feature_extraction(x)
+    with module_modes(reference, "fo"):
+        reference_loss(reference, x, y, trainer.cfg).backward()
+    norms = [(a, b) for a, b in zip(model.modules(), reference.modules()) if isinstance(a, nn.BatchNorm2d)]
+    assert all(int(a.num_batches_tracked) == (running_stats == "refreshed") for a, _ in norms)
+    for a, b in norms:
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6)
+
+
 def test_coefficient_schedule():
     assert mixing_coefficient(0, 100) == 0.99
     assert mixing_coefficient(19, 100) == 0.99
