@@ -445,7 +445,7 @@ def run_experiment(args, h5_paths, device):
     """Teacher then student (or one stage) for each dataset; results saved after each dataset."""
     stage_parts = [*args.finetune_dataset, args.stage] if args.stage != "both" else []
     path, resuming = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}", *stage_parts), vars(args),
-                              args.resume)
+                              args.resume, also_in=[args.checkpoint_dir])
     teacher_cfg, student_cfg = configs_of(args, path.stem, resuming)
     results = []
     for dataset, h5_path in h5_paths.items():
@@ -485,7 +485,8 @@ def run_search(args, h5_paths, device):
     """The hyper-parameter grid for the H-Tuning teacher. It continues the search of the same other
     settings (a grown grid included) from the JSON it saves after every point."""
     settings = {k: v for k, v in vars(args).items() if k not in SEARCH_GRID}
-    path, _ = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), settings, resume=True)
+    path, _ = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), settings, resume=True,
+                       also_in=[args.checkpoint_dir])
     teacher_cfg, _ = configs_of(args, path.stem, method="htuning")
     results = load_results(path)
     done = {(e["dataset"], e["zo_eps"], e["bp_batch"], e["r"]) for e in results}
@@ -520,7 +521,8 @@ def run_compare(args, h5_paths, device):
     """Fine-tune the teacher with every method of compare_methods on the same split, with the same
     budget, early stopping and evaluation; results saved after each method. Finished methods are
     reloaded on --resume."""
-    path, resuming = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), vars(args), args.resume)
+    path, resuming = open_run(args.result_dir, run_prefix(args, f"seed{args.seed}"), vars(args), args.resume,
+                              also_in=[args.checkpoint_dir])
     results = []
     for dataset, h5_path in h5_paths.items():
         data = load_experiment_datasets(h5_path, args.finetune_label_ratio, args.seed)

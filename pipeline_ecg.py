@@ -35,7 +35,7 @@ from helper_code import (LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, Pea
                          state_digest)
 from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, draw_heads,
                            heads_state, load_adapter_state, load_pretrained, mark_trainable, mask_leads)
-from runs import Progress, Stage, random_states, restore_random_states
+from runs import Progress, Stage, check_writer, random_states, restore_random_states
 
 log = logging.getLogger("adagrad_fusion.pipeline_ecg")
 
@@ -403,12 +403,15 @@ def _result_from_tensors(result):
 
 
 def load_merged(path, device):
-    """(result, merged net in eval mode, model description) from a `merged_*.pt` file."""
+    """(result, merged net in eval mode, model description) from a `merged_*.pt` file; one another run
+    overwrote (its recorded writer is not the stage its name says) is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
                                 f"checkpoint_dir)")
-    return model_from_file(torch.load(path, map_location="cpu", weights_only=True), device, path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    check_writer(path, saved)
+    return model_from_file(saved, device, path)
 
 
 def model_from_file(saved, device, path="a merged model file"):

@@ -1,7 +1,11 @@
 """A run's files and everything resuming needs: one scheme for every kind of run.
 
 A run is named `{prefix}_{n}`. Its number is claimed by creating `{prefix}_{n}.run.json` with an
-exclusive create, so two runs started together into one folder never share a name. The manifest
+exclusive create, so two runs started together into one folder never share a name. The name is
+claimed the same way in the checkpoint folder, by `{prefix}_{n}.claim` (it holds the path of the
+run's manifest), and a name that earlier checkpoints there use is skipped: runs with different
+result folders and one checkpoint folder, together or one after the other, never share a file.
+A `--resume` whose run's name belongs there to another run stops, saying so. The manifest
 holds the run's settings and whether it finished; `--resume` continues the latest run of the same
 prefix whose settings are the same, an unfinished one first (a search always does, so a grown grid
 continues in the same file). Its results go to `{prefix}_{n}.npy` and `.json`.
@@ -13,7 +17,9 @@ own and both keep every result; a restart after a crash finds the run free and c
 
 A run trains stages (a dataset's teacher or student). A stage's files are named
 `{run}_{dataset}_{role}` and carry the stage's settings, so a file written under other settings is
-never used:
+never used, and their writer (the run, the stage and its settings' digest): a file that another run
+wrote under this name is refused, in one line naming both, by a resume, a reload and --teacher
+(check_writer). A file from before checkpoints recorded their writer is judged by its settings alone:
 - `best_*.pt` (checkpoint_dir): the best state so far;
 - `resume_*.pt` (checkpoint_dir): everything needed to continue exactly, rewritten at every
   validation (weights, optimizer, scheduler, counters, every random generator, the history);
@@ -46,6 +52,8 @@ NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "demo_dir",
 HISTORY_COLUMNS = ("iteration", "epoch", "train_loss", "valid_map", "lr", "coef", "seconds")
 MANIFEST = ".run.json"
 LOCK = ".lock"
+CLAIM = ".claim"      # in a folder of checkpoints: this run name is taken there, by the run it names
+CHECKPOINT_KINDS = ("best", "resume", "merged")
 _held = {}            # lock path -> the open file through which this process holds that run
 
 
@@ -57,19 +65,65 @@ def affecting_results(settings):
 # ---------------------------------------------------------------------------------------------
 # Runs: numbered, claimed atomically, resumable by settings
 # ---------------------------------------------------------------------------------------------
-def claim(folder, prefix, suffix=MANIFEST):
+def claim(folder, prefix, suffix=MANIFEST, also_in=()):
     """`folder/{prefix}_{n}` with the first n whose `suffix` file this call could create exclusively
-    (the file is left empty for the caller to fill). Concurrent callers always get different n."""
+    (the file is left empty for the caller to fill) and whose name is free in every folder of
+    `also_in` (take_name). Concurrent callers always get different n."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     while True:
         stem = folder / f"{prefix}_{n}"
-        try:
-            with open(stem.with_name(stem.name + suffix), "x"):
-                return stem
-        except FileExistsError:
-            n += 1
+        taken = []
+        for other in also_in:
+            if not take_name(other, stem.name, stem.with_name(stem.name + MANIFEST)):
+                break
+            taken.append(Path(other) / f"{stem.name}{CLAIM}")
+        if len(taken) == len(also_in):
+            try:
+                with open(stem.with_name(stem.name + suffix), "x"):
+                    return stem
+            except FileExistsError:
+                pass
+        for name_claim in taken:   # the name is not free everywhere: give back what this try took
+            name_claim.unlink()
+        n += 1
+
+
+def take_name(folder, name, manifest):
+    """Claim the run name `name` in `folder` for the run whose manifest is `manifest`: True when this
+    call created `{name}.claim` exclusively (holding the manifest's path), False when the name is
+    taken there: claimed by a run, or used by checkpoints written before runs claimed their names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(next(folder.glob(f"{kind}_{name}_*.pt"), None) for kind in CHECKPOINT_KINDS):
+        return False
+    try:
+        with open(folder / f"{name}{CLAIM}", "x") as f:
+            f.write(str(Path(manifest).resolve()))
+    except FileExistsError:
+        return False
+    return True
+
+
+def check_name_held(folder, manifest):
+    """Stop with one line when the name of the run whose manifest is `manifest` was claimed in
+    `folder` by another run (whose files there would be read as this run's). A run from before runs
+    claimed their names claims it now."""
+    manifest = Path(manifest).resolve()
+    name = manifest.name[:-len(MANIFEST)]
+    name_claim = Path(folder) / f"{name}{CLAIM}"
+    name_claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(name_claim, "x") as f:
+            f.write(str(manifest))
+    except FileExistsError:
+        pass
+    owner = name_claim.read_text()
+    if owner != str(manifest):
+        raise SystemExit(f"error: --resume: run {name} of {manifest.parent} writes its checkpoints in {folder}, where "
+                         f"the name {name} belongs to the run of {owner or 'another process'} ({name_claim}); not "
+                         f"continuing it")
 
 
 def _manifests(result_dir, prefix):
@@ -112,11 +166,12 @@ def release(path):
         f.close()
 
 
-def open_run(result_dir, prefix, settings, resume):
+def open_run(result_dir, prefix, settings, resume, also_in=()):
     """(path of the run's .npy, resuming), the run held by this process (hold): with `resume`, the
     latest run of `prefix` with these settings that no other process holds, unfinished ones first
     (a finished one is reloaded stage by stage, not trained again); otherwise, or when there is
-    none, a newly claimed run."""
+    none, a newly claimed run. `also_in`: the other folders the run writes to (its checkpoints),
+    where its name is claimed too, so that no other run writes files of that name there."""
     settings = affecting_results(settings)
     digest = settings_digest(settings)
     if resume:
@@ -125,6 +180,8 @@ def open_run(result_dir, prefix, settings, resume):
         for finished, n in sorted(same, key=lambda item: (item[0], -item[1])):   # unfinished first, then latest
             path = Path(result_dir) / f"{prefix}_{n}.npy"
             if hold(path):
+                for folder in also_in:
+                    check_name_held(folder, path.with_suffix(MANIFEST))
                 log.info("resuming %s%s", path.with_suffix(MANIFEST), " (finished: its stages are reloaded)" * finished)
                 return path, True
             log.info("--resume: %s is being written by another process; not continuing it", path.with_suffix(MANIFEST))
@@ -137,7 +194,7 @@ def open_run(result_dir, prefix, settings, resume):
                         settings_differences(content["settings"], to_jsonable(settings)))
         else:
             log.info("--resume: no unfinished run %s_* in %s; starting a new run", prefix, result_dir)
-    path = claim(result_dir, prefix).with_suffix(".npy")
+    path = claim(result_dir, prefix, also_in=also_in).with_suffix(".npy")
     hold(path)   # before its manifest says what it is: no other process can take it first
     write_manifest(path, settings, finished=False)
     return path, False
@@ -200,28 +257,47 @@ class Progress:
         self.step_seconds += seconds
 
 
+def check_writer(path, saved):
+    """Stop with one line when the checkpoint `saved`, read from `path`, was written by a stage other
+    than the one its file name says: another run wrote it under this name, and its weights are not
+    this stage's. A file renamed by hand (not `{kind}_...pt`), or written before checkpoints recorded
+    their writer, passes: only its settings can tell."""
+    writer, name = saved.get("writer"), Path(path).name
+    kind = name.split("_", 1)[0]
+    if writer is not None and kind in CHECKPOINT_KINDS and name != f"{kind}_{writer['stage']}.pt":
+        raise SystemExit(f"error: {path} was written by {writer['stage']} (run {writer['run']}, settings "
+                         f"{writer['settings']}), not by {name[len(kind) + 1:-len('.pt')]}, the stage its name "
+                         f"says: another run wrote it under this name; not using it")
+
+
 class Stage:
     """One stage's files and the settings that must match to reuse them: the run's settings, the
-    split and the teacher (a digest of its weights)."""
+    split and the teacher (a digest of its weights). Every file records its writer: the run, the
+    stage and the settings' digest."""
 
     def __init__(self, cfg, split_indices, dataset, role, teacher_state=None):
         key = f"{cfg.run_name}_{dataset}_{role}"
         checkpoints = Path(cfg.checkpoint_dir)
-        self.best = checkpoints / f"best_{key}.pt"
-        self.resume = checkpoints / f"resume_{key}.pt"
-        self.merged = checkpoints / f"merged_{key}.pt"
+        self.best, self.resume, self.merged = (checkpoints / f"{kind}_{key}.pt" for kind in CHECKPOINT_KINDS)
         self.history = Path(cfg.result_dir) / f"{key}_history.csv"
         split = np.concatenate([np.append(indices, -1) for indices in split_indices]).astype(np.int64)
         self.settings = to_jsonable({**affecting_results(asdict(cfg)), "dataset": dataset, "role": role,
                                      "split": hashlib.sha256(split.tobytes()).hexdigest()[:16],
                                      "teacher": None if teacher_state is None else state_digest(teacher_state)})
+        self.writer = {"run": cfg.run_name, "stage": key, "settings": settings_digest(self.settings)}
+
+    def _load(self, path, device="cpu"):
+        """The dict saved at `path`, refused when another run wrote it (check_writer)."""
+        saved = torch.load(path, map_location=device, weights_only=True)
+        check_writer(path, saved)
+        return saved
 
     def _usable(self, path, what):
         """The saved dict at `path` if it exists and was written under these settings, else None
         (saying why when the file exists but was written under other settings)."""
         if not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = self._load(path)
         if saved["settings"] != self.settings:
             log.warning("not using %s %s: written under other settings (%s)", what, path,
                         settings_differences(saved["settings"], self.settings))
@@ -237,25 +313,29 @@ class Stage:
         return self._usable(self.resume, "resumable state")
 
     def start_over(self):
-        """A fresh start: files a stage of this name left earlier are not continued."""
+        """A fresh start: files this stage left earlier (a search's previous point) are not continued;
+        another run's files are never deleted (check_writer)."""
         for stale in (self.resume, self.merged):
-            stale.unlink(missing_ok=True)
+            if stale.is_file():
+                self._load(stale)
+                stale.unlink()
 
     def save_best(self, state):
         with atomic_path(self.best) as tmp:
-            torch.save(state, tmp)
+            torch.save({"writer": self.writer, "state": state}, tmp)
 
     def load_best(self, device):
-        return torch.load(self.best, map_location=device, weights_only=True)
+        saved = self._load(self.best, device)
+        return saved["state"] if "writer" in saved else saved   # no writer: the bare state of an earlier version
 
     def save_resumable(self, **state):
         with atomic_path(self.resume) as tmp:
-            torch.save({"settings": self.settings, **state}, tmp)
+            torch.save({"settings": self.settings, "writer": self.writer, **state}, tmp)
 
     def save_merged(self, **content):
         """The finished stage, atomically; its resumable state is no longer needed."""
         with atomic_path(self.merged) as tmp:
-            torch.save({"settings": self.settings, **content}, tmp)
+            torch.save({"settings": self.settings, "writer": self.writer, **content}, tmp)
         self.resume.unlink(missing_ok=True)
 
     def write_history(self, rows):

@@ -1,5 +1,6 @@
 """Interrupted runs continue exactly: SIGKILL and Ctrl-C, finished stages reloaded, the training
-history, settings that must match, several seeds summarised; and pipeline_ecg.py's stages."""
+history, settings that must match, several seeds summarised; and pipeline_ecg.py's stages. Runs of
+other result folders never share a checkpoint, and a resume refuses another run's."""
 import csv
 import json
 import logging
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import main
 import pipeline_ecg
+from ecg_dataset import load_experiment_datasets
 from Half_Trainer import HalfTrainer
 from pipeline_pretrain import pretrain
 
@@ -251,3 +254,99 @@ def test_search_resumes_from_its_json_never_the_pickle(tiny_demo, backbone, tmp_
     assert again[0]["auc_roc_macro"] == first[0]["auc_roc_macro"]
     np.testing.assert_array_equal(again[0]["thresholds"], first[0]["thresholds"])
     assert [e["zo_eps"] for e in np.load(npy, allow_pickle=True)] == [1e-3, 5e-4]
+
+
+# A run in its own process, stopped by Ctrl-C at the training step argv[1] (1 = the first): it leaves
+# its best and resumable states behind.
+STOPPED_RUN = """
+import itertools, sys
+import main
+from Half_Trainer import HalfTrainer
+
+real_step, step_number = HalfTrainer.step, itertools.count(1)
+
+def step_then_stop(self, *args, **kwargs):
+    if next(step_number) == int(sys.argv[1]):
+        raise KeyboardInterrupt
+    return real_step(self, *args, **kwargs)
+
+HalfTrainer.step = step_then_stop
+main.main(sys.argv[2:])
+"""
+
+
+def start_stopped_run(step, argv):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-c", STOPPED_RUN, str(step), *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def assert_stopped(run):
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 130, err[-2000:]
+
+
+def shared_checkpoints(root, backbone, result_folders):
+    """One checkpoint folder (with the backbone) and a result folder each: the folder flags of each run."""
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(backbone, checkpoints / backbone.name)
+    return checkpoints, [["--checkpoint_dir", str(checkpoints), "--result_dir", str(root / name)]
+                         for name in result_folders]
+
+
+def run_name(result_dir):
+    (manifest,) = Path(result_dir).glob("*.run.json")
+    return manifest.name[:-len(".run.json")]
+
+
+def test_runs_of_other_result_folders_never_share_a_checkpoint(tiny_demo, backbone, tmp_path):
+    checkpoints, dirs = shared_checkpoints(tmp_path, backbone, ["rA", "rB", "rC"])
+    lrs = ["0.004", "0.001", "0.0002"]      # other settings under the same run prefix: other weights
+    argvs = [argv_for(tiny_demo, flags, "--stage", "teacher", "--lr", lr) for flags, lr in zip(dirs, lrs)]
+    together = [start_stopped_run(5, argv) for argv in argvs[:2]]     # stopped at iteration 4
+    for run in together:
+        assert_stopped(run)
+    assert_stopped(start_stopped_run(5, argvs[2]))                     # one more, after them
+
+    names = [run_name(flags[3]) for flags in dirs]
+    assert len(set(names)) == 3
+    for name in names:
+        for kind in ("best", "resume"):
+            saved = torch.load(checkpoints / f"{kind}_{name}_WFDB_Demo_teacher.pt", weights_only=True)
+            assert saved["writer"]["run"] == name
+    assert len(list(checkpoints.glob("resume_*"))) == 3 and len(list(checkpoints.glob("best_*"))) == 3
+
+    data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, 18)
+    test_loader = torch.utils.data.DataLoader(data.test, batch_size=16)
+    aurocs = []
+    for name, flags, argv in zip(names, dirs, argvs):
+        main.main([*argv, "--resume"])
+        (recorded,) = json.loads((Path(flags[3]) / f"{name}.json").read_text())
+        merged = checkpoints / f"merged_{name}_WFDB_Demo_teacher.pt"
+        assert recorded["checkpoint"] == str(merged)
+        _, net, model = pipeline_ecg.load_merged(merged, torch.device("cpu"))
+        labels, scores = pipeline_ecg.predict(net, test_loader, torch.device("cpu"))
+        scored = evaluation.evaluate(labels, scores, thresholds=np.asarray(model["thresholds"]))
+        for key in ("auc_roc_macro", "F1score_b", "Map_value"):
+            assert scored[key] == pytest.approx(recorded[key]), (name, key)
+        aurocs.append(recorded["auc_roc_macro"])
+    assert len(set(aurocs)) == 3             # three different models: an overwrite could not pass unseen
+
+
+def test_resume_refuses_a_resumable_state_another_run_wrote(tiny_demo, backbone, tmp_path):
+    checkpoints, dirs = shared_checkpoints(tmp_path, backbone, ["rA", "rB"])
+    argvs = [argv_for(tiny_demo, flags, "--stage", "teacher", "--finetune_epoch", "1") for flags in dirs]
+    for argv in argvs:
+        assert_stopped(start_stopped_run(3, argv))                     # after the first validation
+    mine, other = (run_name(flags[3]) for flags in dirs)
+    resumable = checkpoints / f"resume_{mine}_WFDB_Demo_teacher.pt"
+    shutil.copy(checkpoints / f"resume_{other}_WFDB_Demo_teacher.pt", resumable)   # as runs did before claiming names
+    folders = (checkpoints, Path(dirs[0][3]))
+    before = {p: p.read_bytes() for folder in folders for p in folder.iterdir()}
+
+    with pytest.raises(SystemExit) as refused:
+        main.main([*argvs[0], "--resume"])
+    message = str(refused.value.code)
+    assert "\n" not in message and str(resumable) in message and f"run {other}," in message
+    assert {p: p.read_bytes() for folder in folders for p in folder.iterdir()} == before   # nothing written or deleted

@@ -110,3 +110,19 @@ def test_this_process_may_continue_a_run_it_holds(tmp_path, finished):
     path, _ = open_run(tmp_path, "run", {"setting": 1}, resume=False)
     write_manifest(path, {"setting": 1}, finished=finished)
     assert open_run(tmp_path, "run", {"setting": 1}, resume=True) == (path, True)
+
+
+def test_a_run_name_is_claimed_in_the_checkpoint_folder_too(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "best_run_1_WFDB_Demo_teacher.pt").touch()          # an earlier version's checkpoint, unclaimed
+    first, _ = open_run(tmp_path / "rA", "run", {"setting": 1}, resume=False, also_in=[checkpoints])
+    second, _ = open_run(tmp_path / "rB", "run", {"setting": 1}, resume=False, also_in=[checkpoints])
+    assert (first.name, second.name) == ("run_0.npy", "run_2.npy")
+    assert [p.name for p in (tmp_path / "rB").glob("*.run.json")] == ["run_2.run.json"]   # no claim left behind
+    assert (checkpoints / "run_0.claim").read_text() == str(first.with_suffix(".run.json").resolve())
+
+    # a run whose checkpoints went elsewhere is not continued into a folder where its name is another run's
+    open_run(tmp_path / "rC", "run", {"setting": 1}, resume=False)
+    with pytest.raises(SystemExit, match=r"the name run_0 belongs to the run of .*rA"):
+        open_run(tmp_path / "rC", "run", {"setting": 1}, resume=True, also_in=[checkpoints])
