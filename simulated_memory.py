@@ -162,7 +162,7 @@ def step_plan(step_config_at, method, config, batch, bp_batch, num_class, r, wei
     peak = peak_at(batch, bp_batch)
     plan = {"peak_mb": peak, "gpu_ratio": ratio, "ratio_source": source, "need_mb": peak * ratio,
             "fits": peak <= count_budget}
-    if not (search or not plan["fits"]):
+    if plan["fits"] and not search:
         return plan
     micro = method in MICRO_BATCH_METHODS
     if micro:
