@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import sys
 import tempfile
@@ -115,7 +116,9 @@ class FlagParser(argparse.ArgumentParser):
         if not flag.startswith("--") or flag in known:
             return token
         current = self.old_spellings.get(_with_underscores(flag), _with_underscores(flag))
-        for spelling in (current, _with_hyphens(current)):
+        # argparse's --no-X of a yes/no flag X whose name has underscores: --no-memory_guard
+        negation = "--no-" + current[len("--no_"):] if current.startswith("--no_") else current
+        for spelling in (current, _with_hyphens(current), negation):
             if spelling in known:
                 return spelling + equals + value
         return token
@@ -162,6 +165,19 @@ def float_in(low=None, high=None, low_closed=False, high_closed=False):
         return value
     return parse
 
+
+MEBIBYTES_PER = {"mib": 1, "gib": 1024}
+
+
+def memory_size(text):
+    """argparse type: a memory size in MiB or GiB (8GiB, 7500MiB, 1.5GiB), as MiB, above 0."""
+    match = re.fullmatch(r"(\d+\.?\d*|\.\d+)\s*(MiB|GiB)", text.strip(), re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB or GiB such as 8GiB or 7500MiB, got {text!r}")
+    mebibytes = float(match[1]) * MEBIBYTES_PER[match[2].lower()]
+    if mebibytes <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return mebibytes
 
 def get_device(name=None):
     """CUDA when present, else CPU; chosen once by the entry point and passed down."""

@@ -6,6 +6,7 @@
     python main.py --seed 18 19 20                  # each seed in turn, then mean ± std over the seeds
     python main.py --demo                           # synthetic data, small backbones, minutes on a CPU
     python main.py ... --resume                     # continue the latest unfinished run of these settings
+    python main.py --plan --memory_budget 8GiB      # what fits 8 GiB of GPU, counted per method; no training
 
 The constants below are every default of the experiments, and each is a flag of the same name.
 pipeline_ecg.py (one dataset, one stage), pipeline_pretrain.py and datacollection.py take their
@@ -27,7 +28,7 @@ import report
 from ecg_dataset import find_dataset_h5, load_experiment_datasets
 from Half_Trainer import ALIASES, BN_RUNNING_STATS, ESTIMATORS, FUSIONS, HEAD_RULES, METHODS, PERTURBATIONS, StepConfig
 from helper_code import (CHALLENGE_DATA_URL, CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT,
-                         FlagParser, float_in, get_device, int_at_least, setup_logging)
+                         FlagParser, dataset_classes, float_in, get_device, int_at_least, memory_size, setup_logging)
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
 from pipeline_ecg import RunConfig, check_pretrained, finetune, load_merged, pretrained_path, run_teacher_and_student
 from pipeline_pretrain import PretrainConfig
@@ -87,6 +88,10 @@ search_zo_eps = [1e-3, 5e-4, 2e-4, 1e-4]
 search_bp_batch = [2, 4, 8]
 search_r = [4, 8, 16]
 compare_methods = ["ft", "lora_bp", "lora_bp_accum", "htuning", "zo", "zo_sign", "hizoo", "sparse_mezo", "fzoo", "probe"]
+# ---- will it fit: the memory plan, and the check at the start of a CUDA run ----
+plan = False                         # count each method's GPU peak against memory_budget, print what fits; no training
+memory_budget = None                 # the plan's GPU memory, in MiB or GiB (8GiB, 7500MiB)
+memory_guard = True                  # a CUDA run first checks that its step's simulated peak fits the GPU's free memory
 # ---- where files are, and how a run goes ----
 data_root = REPO_ROOT / "OriginalData"          # one sub-folder per Challenge dataset
 code15_dir = None                               # CODE-15 as downloaded (exams.csv + exams_part*.hdf5)
@@ -131,9 +136,10 @@ EXPERIMENT_FLAGS = (
     "finetune_label_ratio", "leads_for_student", "distill", "pretrained", "pretrain", "pretrain_epochs",
     "pretrain_batch_size", "pretrain_lr", "pretrain_patience", "preprocessed_dir", "checkpoint_dir", "result_dir",
     "demo_dir", "workers", "device", "demo", "resume", "stage", "teacher")
+MEMORY_FLAGS = ("plan", "memory_budget", "memory_guard")
 SCRIPT_FLAGS = {
-    "main.py": EXPERIMENT_FLAGS + ("search_zo_eps", "search_bp_batch", "search_r", "compare_methods"),
-    "pipeline_ecg.py": EXPERIMENT_FLAGS,
+    "main.py": EXPERIMENT_FLAGS + ("search_zo_eps", "search_bp_batch", "search_r", "compare_methods") + MEMORY_FLAGS,
+    "pipeline_ecg.py": EXPERIMENT_FLAGS + MEMORY_FLAGS,
     "pipeline_pretrain.py": ("config", "seed", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr",
                              "pretrain_patience", "weight_decay", "warmup_fraction", "aux_weight", "code15_train",
                              "code15_valid", "preprocessed_dir", "pretrain", "checkpoint_dir", "workers", "device"),
@@ -202,6 +208,9 @@ def flag_spec(name):
         "stage": dict(choices=STAGES),
         "teacher": dict(type=Path),
         "pretrain": dict(),
+        "plan": dict(action="store_true"),
+        "memory_budget": dict(type=memory_size, metavar="SIZE"),
+        "memory_guard": dict(action=argparse.BooleanOptionalAction),
     }
     if name in at_least:
         spec = dict(type=int_at_least(at_least[name]))
@@ -266,6 +275,8 @@ def settings_from(parser, argv):
         check_stage_flags(parser, args)
     if "zo_estimator" in settings:
         check_step_flags(parser, args, given)
+    if "plan" in settings:
+        check_memory_flags(parser, args)
     return args
 
 
@@ -293,6 +304,19 @@ def check_step_flags(parser, args, given):
                         ", ".join(f"htuning (fusion {cfg.fusion}, zo_estimator {cfg.zo_estimator})"
                                   if cfg.method == "htuning" else cfg.method for cfg in step_cfgs))
             parser.error(f"argument --{name}: has no effect on {ignoring}; leave it out")
+
+
+def check_memory_flags(parser, args):
+    """--plan needs a budget, a budget is only the plan's, and every planned method's step is valid."""
+    if args.plan and args.memory_budget is None:
+        parser.error("argument --plan: needs --memory_budget, the GPU memory to plan for (8GiB, 7500MiB)")
+    if args.memory_budget is not None and not args.plan:
+        parser.error("argument --memory_budget: only with --plan (a CUDA run checks against its free memory)")
+    for method in plan_methods(args) if args.plan else ():
+        try:
+            step_config(**{**vars(args), "zo_config": method})
+        except ValueError as error:
+            parser.error(f"argument --plan: {method}: {error}")
 
 
 def check_stage_flags(parser, args):
@@ -552,6 +576,88 @@ def simulated_peaks(args):
     return peaks
 
 
+# ---------------------------------------------------------------------------------------------
+# Will it fit: the plan (--plan) and the check at the start of a CUDA run, both counted by
+# simulated_memory before any data is touched
+# ---------------------------------------------------------------------------------------------
+def plan_methods(args):
+    """The methods --plan counts: the run's teacher method, every one of --compare_methods with
+    --zo_config compare, H-Tuning for a search."""
+    if args.zo_config == "compare":
+        return args.compare_methods
+    return ["htuning" if args.zo_config == "search" else args.zo_config]
+
+
+def classes_of(datasets):
+    """Classes of the largest head the datasets train, from the label facts (no data file read)."""
+    return max(len(dataset_classes(dataset)) for dataset in datasets)
+
+
+def step_plan_of(args, method, config, budget_mb, search=True, **step_settings):
+    """simulated_memory.step_plan of `method` on backbone `config` at the run's batch, bp_batch, rank
+    and classes; step_settings override the run's (bp_batch, r)."""
+    from simulated_memory import step_plan
+
+    s = {**vars(args), "zo_config": method, **step_settings}
+    return step_plan(lambda bp: step_config(**{**s, "bp_batch": bp}), method, config, s["batch_size"],
+                     s["bp_batch"], classes_of(s["finetune_dataset"]), s["r"], s["weight_decay"], budget_mb, search)
+
+
+def memory_plan(args):
+    """--plan: each method's counted peak at the run's settings against --memory_budget, whether it
+    fits with the GPU allowance, and the largest bp_batch and batch that fit; printed, nothing trained."""
+    from simulated_memory import GPU_OVER_SIMULATED, LARGEST_BATCH_SEARCHED
+
+    plan_by_method = {}
+    for method in plan_methods(args):
+        plan_by_method[method] = step_plan_of(args, method, args.config, args.memory_budget)
+        log.info("plan: %s counted", method)
+    title = (f"memory plan: {args.memory_budget:g} MiB; {args.config}, batch {args.batch_size}, bp_batch "
+             f"{args.bp_batch}, r {args.r}, {classes_of(args.finetune_dataset)} classes")
+    notes = [f"counted: one training step's peak, simulated (simulated_memory.py); GPU allowance: measured GPU peak / "
+             f"count on one H200 (docs/benchmarks.md) for {', '.join(GPU_OVER_SIMULATED)}, else the largest of those",
+             f"largest batch: searched up to {LARGEST_BATCH_SEARCHED} (>= where that still fits); "
+             f"lora_bp_accum's batch adds only its data and is not counted"]
+    print(report.format_memory_plan(title, plan_by_method, notes), flush=True)
+    return plan_by_method
+
+
+def steps_of_run(args):
+    """(method, backbone config, step settings) of every step the run trains, at its largest
+    settings: the teacher's (each compared method; the search's largest bp_batch and rank), then
+    the student's."""
+    steps = []
+    if args.stage != "student":
+        if args.zo_config == "search":
+            steps.append(("htuning", args.config, dict(bp_batch=max(args.search_bp_batch), r=max(args.search_r))))
+        else:
+            steps += [(method, args.config, {}) for method in plan_methods(args)]
+    if args.stage != "teacher" and args.zo_config not in RUN_MODES:
+        steps.append(("ft", args.student_config, {}))
+    return steps
+
+
+def check_gpu_memory(args, parser, device):
+    """Before anything is made or written: each step of the run, counted with its GPU allowance,
+    against the GPU's free memory; one line naming what fits where a step does not (exit 2)."""
+    import torch
+
+    free_mb = torch.cuda.mem_get_info(device)[0] / 2**20
+    for method, config, step_settings in steps_of_run(args):
+        plan = step_plan_of(args, method, config, free_mb, search=False, **step_settings)
+        log.info("memory check: %s on %s needs %.0f MiB of the %.0f MiB free on %s", method, config,
+                 plan["need_mb"], free_mb, device)
+        if plan["fits"]:
+            continue
+        fitting = [f"{name} {plan[key]}" for name, key in (("--bp_batch", "largest_bp_batch"),
+                                                           ("--batch_size", "largest_batch"))
+                   if plan.get(key) is not None]
+        parser.error(f"the {method} step on {config} needs {plan['need_mb']:.0f} MiB ({plan['peak_mb']:.0f} MiB "
+                     f"counted x{plan['gpu_ratio']:.3f} GPU allowance) but {device} has {free_mb:.0f} MiB free; "
+                     + (f"it fits with at most {' or '.join(fitting)}" if fitting else "no bp_batch or batch fits")
+                     + "; --no-memory_guard skips this check")
+
+
 def resume_command(prog, argv):
     """The command line that continues this run."""
     return shlex.join(["python", prog, *argv, *([] if "--resume" in argv else ["--resume"])])
@@ -563,7 +669,11 @@ def one_seed(args, seed_value):
 
 def run_main(args, parser, argv):
     """main.py and pipeline_ecg.py: the runs the flags ask for, seed by seed."""
+    if args.plan:
+        return memory_plan(args)
     device = get_device(args.device)
+    if device.type == "cuda" and args.memory_guard:
+        check_gpu_memory(args, parser, device)
     if args.demo:
         prepare_demo(args, device)
     h5_paths = locate_datasets(args)

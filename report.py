@@ -201,3 +201,19 @@ def plot_validation(rows, path):
         ax.grid(True, alpha=0.3)
     _save(figure, path)
     plt.close(figure)
+
+
+def format_memory_plan(title, plan, notes):
+    """{method: simulated_memory.step_plan's dict} -> the printed plan under `title`, then `notes`."""
+    def count(value, limit=None):
+        return "none" if value is None else f">={value}" if value == limit else str(value)
+
+    header = ("method", "counted MiB", "GPU allowance", "needs MiB", "fits", "largest bp_batch", "largest batch")
+    rows = [(method, f"{p['peak_mb']:.1f}", f"x{p['gpu_ratio']:.3f} {p['ratio_source']}", f"{p['need_mb']:.1f}",
+             "yes" if p["fits"] else "NO", count(p["largest_bp_batch"]) if "largest_bp_batch" in p else "-",
+             count(p["largest_batch"], p["batch_limit"]) if "largest_batch" in p else "not counted")
+            for method, p in plan.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"== {title} ==", *("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                                          for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows])]
+    return "\n".join([*lines, *notes])

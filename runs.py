@@ -48,7 +48,8 @@ from helper_code import atomic_path, settings_differences, settings_digest, stat
 
 log = logging.getLogger("adagrad_fusion.runs")
 
-NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume")
+NOT_AFFECTING_RESULTS = ("run_name", "checkpoint_dir", "result_dir", "demo_dir", "workers", "device", "resume",
+                         "plan", "memory_budget", "memory_guard")
 HISTORY_COLUMNS = ("iteration", "epoch", "train_loss", "valid_map", "lr", "coef", "seconds")
 MANIFEST = ".run.json"
 LOCK = ".lock"

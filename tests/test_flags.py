@@ -56,6 +56,13 @@ BAD_MAIN_FLAGS = [
     (["--zo_config", "zo", "--fzoo_directions", "4"], "--fzoo_directions"),
     (["--zo_config", "search", "--zo_eps", "1e-4"], "--zo_eps"),
     (["--zo_config", "compare", "--compare_methods", "ft", "probe", "--bp_batch", "4"], "--bp_batch"),
+    (["--plan", "--memory_budget", "0"], "--memory_budget"),
+    (["--plan", "--memory_budget=-1GiB"], "--memory_budget"),
+    (["--plan", "--memory_budget", "-1GiB"], "--memory_budget"),
+    (["--plan", "--memory_budget", "8XB"], "--memory_budget"),
+    (["--plan", "--memory_budget", "0GiB"], "--memory_budget"),
+    (["--plan"], "--plan"),
+    (["--memory_budget", "8GiB"], "--memory_budget"),
 ]
 
 
@@ -98,6 +105,7 @@ def test_pipeline_stage_and_teacher_combinations_are_checked(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, flags, named", [
     ("main.py", ["--demo", "--r", "-3"], "--r"),
+    ("main.py", ["--plan", "--memory_budget", "8XB"], "--memory_budget"),
     ("pipeline_ecg.py", ["--zo_eps", "0"], "--zo_eps"),
     ("pipeline_pretrain.py", ["--epochs", "0"], "--pretrain_epochs"),            # earlier spellings: the
     ("pipeline_pretrain.py", ["--config", "huge"], "--config"),                  # message names the flag
@@ -194,3 +202,12 @@ def test_predict_threads_sets_the_threads_that_score(tmp_path, monkeypatch, caps
         predict.main(["--model", str(backbone), "--records", str(tmp_path / "records"), "--threads", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err == ["predict.py: error: argument --threads: must be an integer >= 1, got 0"]
+
+
+def test_memory_sizes_read_in_mib_or_gib():
+    from helper_code import memory_size
+
+    assert [memory_size(text) for text in ("8GiB", "7500MiB", "1.5gib", "64 MiB")] == [8192, 7500, 1536, 64]
+    for text in ("0", "0MiB", "-1GiB", "8XB", "8GB", "GiB", "8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(text)
