@@ -12,6 +12,7 @@ step_plan counts a step at the run's settings and searches the largest bp_batch 
 the budget, with the GPU allowance of GPU_OVER_SIMULATED on top of the count.
 """
 import contextlib
+import gc
 from types import SimpleNamespace
 
 import torch
@@ -35,11 +36,17 @@ def training_setup(step_cfg, device, config, batch, num_class, r, weight_decay, 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    x, y = step_batch(device, batch, num_class, samples)
+    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, x=x, y=y,
+                           trainer=HalfTrainer(model, optimizer, scheduler, step_cfg))
+
+
+def step_batch(device, batch, num_class, samples=SAMPLES):
+    """One batch (x, y) of a counted step."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, NUM_LEADS, 1, samples, generator=g).to(device)
     y = (torch.rand(batch, num_class, generator=g) < 0.2).float().to(device)
-    return SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, x=x, y=y,
-                           trainer=HalfTrainer(model, optimizer, scheduler, step_cfg))
+    return x, y
 
 
 def inference_setup(config, device, batch, num_class, samples=SAMPLES):
@@ -68,6 +75,29 @@ def counted_peak(build_step, fake=True):
         at_start = counter.live_bytes()
         step(1)
         return {"peak_mb": counter.peak_bytes / 2**20, "at_start_mb": at_start / 2**20}
+
+
+@contextlib.contextmanager
+def step_counter(step_config_at, config, batch, bp_batch, num_class, r, weight_decay, samples=SAMPLES):
+    """peak_mb(batch, bp_batch): training_peak_mb of step_config_at(bp_batch) at that batch, for one
+    method at several sizes. The model, AdamW's state and FakeTensor's caches are built once, by a
+    warm-up step at (batch, bp_batch); each count then frees the last batch and trainer, makes
+    those of its sizes and counts one step, everything else alive included: the count of a fresh
+    build, at the cost of one step."""
+    with FakeTensorMode(), LiveStorageCounter() as counter:
+        parts = training_setup(step_config_at(bp_batch), torch.device("cpu"), config, batch, num_class, r,
+                               weight_decay, samples)
+        parts.trainer.step(parts.x, parts.y, 0, 100)
+
+        def peak_mb(batch_size, micro_batch):
+            parts.trainer = parts.x = parts.y = None
+            gc.collect()   # a trainer holds itself through its table of steps
+            parts.x, parts.y = step_batch(torch.device("cpu"), batch_size, num_class, samples)
+            parts.trainer = HalfTrainer(parts.model, parts.optimizer, parts.scheduler, step_config_at(micro_batch))
+            counter.reset_peak()
+            parts.trainer.step(parts.x, parts.y, 1, 100)
+            return counter.peak_bytes / 2**20
+        yield peak_mb
 
 
 def training_peak_mb(step_cfg, config, batch, num_class, r, weight_decay, samples=SAMPLES):
@@ -155,16 +185,18 @@ def step_plan(step_config_at, method, config, batch, bp_batch, num_class, r, wei
     and the batch adds only its data to the peak."""
     ratio, source = gpu_allowance(method)
     count_budget = budget_mb / ratio
+    with step_counter(step_config_at, config, batch, bp_batch, num_class, r, weight_decay, samples) as peak_at:
+        peak = peak_at(batch, bp_batch)
+        plan = {"peak_mb": peak, "gpu_ratio": ratio, "ratio_source": source, "need_mb": peak * ratio,
+                "fits": peak <= count_budget}
+        if search or not plan["fits"]:
+            plan.update(_largest_sizes(peak_at, method, batch, bp_batch, peak, count_budget))
+    return plan
 
-    def peak_at(batch_size, micro_batch):
-        return training_peak_mb(step_config_at(micro_batch), config, batch_size, num_class, r, weight_decay, samples)
 
-    peak = peak_at(batch, bp_batch)
-    plan = {"peak_mb": peak, "gpu_ratio": ratio, "ratio_source": source, "need_mb": peak * ratio,
-            "fits": peak <= count_budget}
-    if plan["fits"] and not search:
-        return plan
-    micro = method in MICRO_BATCH_METHODS
+def _largest_sizes(peak_at, method, batch, bp_batch, peak, count_budget):
+    """step_plan's search: largest_bp_batch and largest_batch (with its batch_limit) where they apply."""
+    plan, micro = {}, method in MICRO_BATCH_METHODS
     if micro:
         plan["largest_bp_batch"] = largest_fitting(lambda b: peak_at(batch, b), count_budget, 1, batch,
                                                    {bp_batch: peak})

@@ -115,6 +115,25 @@ def test_the_plan_counts_what_the_memory_section_counts(method):
     assert "largest_bp_batch" not in plan and "largest_batch" not in plan   # nothing searched where it fits
 
 
+@pytest.mark.parametrize("method", ["htuning", "lora_bp_accum", "ft", "hizoo", "sparse_mezo", "fzoo", "probe"])
+def test_a_count_on_the_built_model_equals_a_count_from_scratch(method):
+    """The plan's counter builds the model and its optimizer state once and counts one step per
+    size: each of its counts must equal a fresh build's, at other batches and bp_batches too."""
+    import main
+    from simulated_memory import step_counter, training_peak_mb
+
+    def config_at(bp):
+        return main.step_config(zo_config=method, bp_batch=bp)
+
+    sizes = [(BATCH, BP_BATCH), (BATCH + 3, BP_BATCH), (BATCH, BP_BATCH + 1), (BATCH - 2, 1)]
+    with step_counter(config_at, "tiny", BATCH, BP_BATCH, NUM_CLASS, benchmark.LORA_RANK, main.weight_decay,
+                      SAMPLES) as peak_at:
+        reused = [peak_at(batch, bp) for batch, bp in sizes]
+    fresh = [training_peak_mb(config_at(bp), "tiny", batch, NUM_CLASS, benchmark.LORA_RANK, main.weight_decay,
+                              SAMPLES) for batch, bp in sizes]
+    assert reused == fresh and len(set(fresh)) > 1
+
+
 def test_the_largest_fitting_bp_batch_is_the_largest_within_the_budget():
     import main
     from simulated_memory import gpu_allowance, training_peak_mb
