@@ -25,9 +25,10 @@ from pipeline_pretrain import pretrain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "tinylight"
-# 48 training records at batch 16: 3 iterations an epoch, 12 a stage, a validation every 32 samples (2 iterations)
+# about 40 training records at batch 16: 3 iterations an epoch (the last one partial), 12 a stage, a
+# validation every 2 iterations (counted in iterations: samples seen fall off the steps' grid)
 FAST = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "4",
-        "--interval", "32", "--patience", "10", "--finetune_label_ratio", "0.3",
+        "--interval", "2", "--interval_unit", "iterations", "--patience", "10", "--finetune_label_ratio", "0.3",
         "--finetune_dataset", "WFDB_Demo", "--device", "cpu"]
 COMPARED = ("auc_roc_macro", "F1score_b", "Map_value", "best_valid_map", "iterations")
 
@@ -136,11 +137,11 @@ def test_ctrl_c_in_the_student_leaves_the_teacher_finished_and_resumes_exactly(t
 
 def test_two_interruptions_mid_epoch_then_two_resumes_give_the_uninterrupted_numbers(tiny_demo, backbone, tmp_path,
                                                                                        monkeypatch):
-    """A validation after every iteration (16 samples), 3 iterations an epoch: stopped before
+    """A validation after every iteration, 3 iterations an epoch: stopped before
     iteration 5 (the state of iteration 4, an epoch's first), resumed and stopped again before
     iteration 7, so the second resumable state was written by a run that began mid-epoch and
     validated twice in it; the second resume then ends exactly where an uninterrupted run does."""
-    every_iteration = ("--stage", "teacher", "--interval", "16")
+    every_iteration = ("--stage", "teacher", "--interval", "1")
     (reference,) = main.main(argv_for(tiny_demo, run_dirs(tmp_path / "reference", backbone), *every_iteration))
     dirs = run_dirs(tmp_path / "interrupted", backbone)
     real_step = HalfTrainer.step
