@@ -331,9 +331,9 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
     result, thresholds = score(net, valid_loader, test_loader, data.class_codes, cfg.leads, device)
     result.update(trainable_num=trainable_num, memory=peak.peak_mb,
                   time=progress.step_seconds / max(progress.current, 1), iterations=progress.current,
-                  best_valid_map=progress.best_map, initial_heads_digest=training.initial_heads_digest, role=role, config=cfg.config, method=cfg.method,
-                  r=cfg.rank, leads=cfg.leads, dataset=dataset, checkpoint=str(stage.merged),
-                  history=str(stage.history))
+                  best_valid_map=progress.best_map, initial_heads_digest=training.initial_heads_digest, role=role,
+                  config=cfg.config, method=cfg.method, r=cfg.rank, leads=cfg.leads, dataset=dataset,
+                  checkpoint=str(stage.merged), history=str(stage.history))
     stage.save_merged(result=_result_to_tensors(result),
                       model=model_description(net, cfg, data, thresholds))
     log.info("%s %s: test macro AUROC %.4f, F-beta %.4f, mAP %.2f", dataset, role, result["auc_roc_macro"],
