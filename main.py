@@ -284,10 +284,8 @@ def check_step_flags(parser, args, given):
     """The step's settings together, as StepConfig checks them, but up front and in one line; and
     no flag given that no trained method reads (--coef under fusion projection, --bp_batch for
     lora_bp, --r for ft, a searched setting in a search, ...)."""
-    methods = args.compare_methods if args.zo_config == "compare" and "compare_methods" in vars(args) else [
-        "htuning" if args.zo_config == "search" else args.zo_config]
     step_cfgs = []
-    for method in methods:
+    for method in teacher_methods(args):
         try:
             step_cfgs.append(step_config(**{**vars(args), "zo_config": method}))
         except ValueError as error:
@@ -307,16 +305,12 @@ def check_step_flags(parser, args, given):
 
 
 def check_memory_flags(parser, args):
-    """--plan needs a budget, a budget is only the plan's, and every planned method's step is valid."""
+    """--plan needs a budget, and a budget is only the plan's (check_step_flags has checked the
+    planned methods' steps already)."""
     if args.plan and args.memory_budget is None:
         parser.error("argument --plan: needs --memory_budget, the GPU memory to plan for (8GiB, 7500MiB)")
     if args.memory_budget is not None and not args.plan:
         parser.error("argument --memory_budget: only with --plan (a CUDA run checks against its free memory)")
-    for method in plan_methods(args) if args.plan else ():
-        try:
-            step_config(**{**vars(args), "zo_config": method})
-        except ValueError as error:
-            parser.error(f"argument --plan: {method}: {error}")
 
 
 def check_stage_flags(parser, args):
@@ -580,9 +574,9 @@ def simulated_peaks(args):
 # Will it fit: the plan (--plan) and the check at the start of a CUDA run, both counted by
 # simulated_memory before any data is touched
 # ---------------------------------------------------------------------------------------------
-def plan_methods(args):
-    """The methods --plan counts: the run's teacher method, every one of --compare_methods with
-    --zo_config compare, H-Tuning for a search."""
+def teacher_methods(args):
+    """The methods the run trains its teacher with, and so --plan counts and the flag checks read:
+    the run's method, every one of --compare_methods with --zo_config compare, H-Tuning for a search."""
     if args.zo_config == "compare":
         return args.compare_methods
     return ["htuning" if args.zo_config == "search" else args.zo_config]
@@ -609,7 +603,7 @@ def memory_plan(args):
     from simulated_memory import GPU_OVER_SIMULATED, LARGEST_BATCH_SEARCHED
 
     plan_by_method = {}
-    for method in plan_methods(args):
+    for method in teacher_methods(args):
         plan_by_method[method] = step_plan_of(args, method, args.config, args.memory_budget)
         log.info("plan: %s counted", method)
     title = (f"memory plan: {args.memory_budget:g} MiB; {args.config}, batch {args.batch_size}, bp_batch "
@@ -631,7 +625,7 @@ def steps_of_run(args):
         if args.zo_config == "search":
             steps.append(("htuning", args.config, dict(bp_batch=max(args.search_bp_batch), r=max(args.search_r))))
         else:
-            steps += [(method, args.config, {}) for method in plan_methods(args)]
+            steps += [(method, args.config, {}) for method in teacher_methods(args)]
     if args.stage != "teacher" and args.zo_config not in RUN_MODES:
         steps.append(("ft", args.student_config, {}))
     return steps
