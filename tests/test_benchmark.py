@@ -5,6 +5,10 @@ import json
 
 import pytest
 
+import bench_common
+import bench_data
+import bench_inference
+import bench_training
 import benchmark
 import evaluation
 from model_src_ecg import build_model
@@ -43,7 +47,7 @@ def test_model_section(tmp_path):
 
 
 def test_data_section(tmp_path):
-    results = run_section(tmp_path, "data", "--records", str(benchmark.DATA_MIN_RECORDS), "--workers", "1")
+    results = run_section(tmp_path, "data", "--records", str(bench_data.DATA_MIN_RECORDS), "--workers", "1")
     assert set(results) == {"project", "reference"}
     for method, row in results.items():
         assert row["records_per_s"] > 0 and row["peak_mb"] >= 0 and row["peak_mb_quarter"] >= 0, method
@@ -52,7 +56,7 @@ def test_data_section(tmp_path):
 
 def test_data_section_refuses_too_few_records(capsys):
     with pytest.raises(SystemExit) as stop:
-        benchmark.main(["data", "--records", str(benchmark.DATA_MIN_RECORDS - 1)])
+        benchmark.main(["data", "--records", str(bench_data.DATA_MIN_RECORDS - 1)])
     assert stop.value.code == 2 and "argument --records: the data section needs at least" in capsys.readouterr().err
 
 
@@ -81,12 +85,12 @@ def test_inference_section(tmp_path):
                           "--repeats", "2", "--threads", "1")
     teacher, student = results["teacher"], results["student"]
     for config, row in (("tiny", teacher), ("tinylight", student)):
-        assert row["parameters"] == sum(p.numel() for p in build_model(config, benchmark.MODEL_NUM_CLASS).parameters())
+        assert row["parameters"] == sum(p.numel() for p in build_model(config, bench_common.MODEL_NUM_CLASS).parameters())
         assert 0 < row["best_ms_per_record"] <= row["ms_per_record"] and row["peak_mb"] >= 0
     assert student["latency_ratio"] == teacher["ms_per_record"] / student["ms_per_record"]
     assert student["best_vs_first_student"] == 1.0
     onnx_rows = ("student eager, 1 thread", "student ONNX Runtime, 1 thread")
-    if missing_onnx_packages((*ONNX_PACKAGES, benchmark.ONNX_RUNTIME)):
+    if missing_onnx_packages((*ONNX_PACKAGES, bench_inference.ONNX_RUNTIME)):
         assert set(results) == {"teacher", "student"}
         return
     assert set(results) == {"teacher", "student", *onnx_rows}
@@ -96,10 +100,10 @@ def test_inference_section(tmp_path):
 
 
 def test_step_section(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmark, "STEP_ROUNDS", 1)
+    monkeypatch.setattr(bench_training, "STEP_ROUNDS", 1)
     results = run_section(tmp_path, "step", "--config", "tinylight", "--batch", "2", "--bp_batch", "1",
                           "--num_class", "2", "--repeats", "1")
-    assert set(results) == set(benchmark.STEP_METHODS)
+    assert set(results) == set(bench_training.STEP_METHODS)
     for method, row in results.items():
         assert row["time_s"] > 0 and row["peak_mb"] >= 0, method
     fused = results["htuning"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import benchmark
+import bench_training
 import main
 from Half_Trainer import HalfTrainer, compute_loss, module_modes, recomputing
 from helper_code import LiveStorageCounter
@@ -196,7 +196,7 @@ def test_h_tuning_holds_the_papers_saving_against_full_finetuning_like_for_like(
     """medium, batch 128, bp_batch 8, 23 classes, on FakeTensors: with neither step recomputing (the
     paper's setting) H-Tuning holds at least the paper's 6.34x less than full fine-tuning; with both
     recomputing, ft's saving is larger than H-Tuning's and the gap narrows, but stays above 4x."""
-    figures = {m: benchmark.memory_figures(m, "medium", "tinylight", 128, 8, 23)["peak_mb"]
+    figures = {m: bench_training.memory_figures(m, "medium", "tinylight", 128, 8, 23)["peak_mb"]
                for m in ("ft", "htuning", "ft:no_recompute", "htuning:no_recompute")}
     assert figures["ft:no_recompute"] >= 6.34 * figures["htuning:no_recompute"]
     assert figures["ft"] >= 4 * figures["htuning"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import bench_training
 import benchmark
 from helper_code import ALLOCATOR_BLOCK_BYTES, LiveStorageCounter
 
@@ -13,7 +14,7 @@ NUM_CLASS = 5
 BATCH, BP_BATCH = 6, 2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MEMORY_METHODS = [*benchmark.MEMORY_STEP_METHODS,
+MEMORY_METHODS = [*bench_training.MEMORY_STEP_METHODS,
                   *(f"infer_{role}_{size}" for role in ("teacher", "student") for size in ("b1", "bB"))]
 
 
@@ -46,7 +47,7 @@ def test_counter_reads_a_fake_scalar_as_one_and_a_real_one_as_itself():
 @pytest.mark.parametrize("method", MEMORY_METHODS)
 def test_fake_count_equals_the_count_over_real_tensors(method):
     """The FakeTensor run allocates what the real run allocates, op by op: same peak, same start."""
-    figures = {fake: benchmark.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
+    figures = {fake: bench_training.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
                                               samples=SAMPLES, fake=fake)
                for fake in (False, True)}
     assert figures[True] == figures[False]
@@ -103,13 +104,13 @@ def counted_plan(method, budget_mb, search=True):
     from simulated_memory import step_plan
 
     return step_plan(lambda bp: main.step_config(zo_config=method, bp_batch=bp), method, "tiny", BATCH, BP_BATCH,
-                     NUM_CLASS, benchmark.LORA_RANK, main.weight_decay, budget_mb, search, samples=SAMPLES)
+                     NUM_CLASS, bench_training.LORA_RANK, main.weight_decay, budget_mb, search, samples=SAMPLES)
 
 
 @pytest.mark.parametrize("method", ["htuning", "lora_bp_accum", "zo", "ft"])
 def test_the_plan_counts_what_the_memory_section_counts(method):
     plan = counted_plan(method, budget_mb=1e6, search=False)
-    assert plan["peak_mb"] == benchmark.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
+    assert plan["peak_mb"] == bench_training.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
                                                        samples=SAMPLES)["peak_mb"]
     assert plan["need_mb"] == plan["peak_mb"] * plan["gpu_ratio"] > plan["peak_mb"] and plan["fits"]
     assert "largest_bp_batch" not in plan and "largest_batch" not in plan   # nothing searched where it fits
@@ -126,10 +127,10 @@ def test_a_count_on_the_built_model_equals_a_count_from_scratch(method):
         return main.step_config(zo_config=method, bp_batch=bp)
 
     sizes = [(BATCH, BP_BATCH), (BATCH + 3, BP_BATCH), (BATCH, BP_BATCH + 1), (BATCH - 2, 1)]
-    with step_counter(config_at, "tiny", BATCH, BP_BATCH, NUM_CLASS, benchmark.LORA_RANK, main.weight_decay,
+    with step_counter(config_at, "tiny", BATCH, BP_BATCH, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
                       SAMPLES) as peak_at:
         reused = [peak_at(batch, bp) for batch, bp in sizes]
-    fresh = [training_peak_mb(config_at(bp), "tiny", batch, NUM_CLASS, benchmark.LORA_RANK, main.weight_decay,
+    fresh = [training_peak_mb(config_at(bp), "tiny", batch, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
                               SAMPLES) for batch, bp in sizes]
     assert reused == fresh and len(set(fresh)) > 1
 
@@ -140,7 +141,7 @@ def test_the_largest_fitting_bp_batch_is_the_largest_within_the_budget():
 
     ratio, _ = gpu_allowance("lora_bp_accum")
     peaks = {bp: training_peak_mb(main.step_config(zo_config="lora_bp_accum", bp_batch=bp), "tiny", BATCH, NUM_CLASS,
-                                  benchmark.LORA_RANK, main.weight_decay, SAMPLES) * ratio for bp in (1, 2, 3, 4)}
+                                  bench_training.LORA_RANK, main.weight_decay, SAMPLES) * ratio for bp in (1, 2, 3, 4)}
     assert peaks[1] < peaks[2] < peaks[3] < peaks[4]
     budget = (peaks[3] + peaks[4]) / 2
     plan = counted_plan("lora_bp_accum", budget)
