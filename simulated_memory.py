@@ -7,9 +7,9 @@ optimizer state, and the peak of the next step is reported with everything alive
 (weights, optimizer state, data) included, as torch.cuda.max_memory_allocated would after a reset.
 benchmark.py's `memory` section and main.py's `--zo_config compare` both count this way.
 
-main.py's `--plan` and the guard at the start of a CUDA run ask it what fits a memory budget:
-step_plan counts a step at the run's settings and searches the largest bp_batch and batch within
-the budget, with the GPU allowance of GPU_OVER_SIMULATED on top of the count.
+main.py's `--plan` and the guard at the start of a CUDA run (both in preflight.py) ask it what fits
+a memory budget: step_plan counts a step at the run's settings and searches the largest bp_batch
+and batch within the budget, with the GPU allowance of GPU_OVER_SIMULATED on top of the count.
 """
 import contextlib
 import gc

@@ -181,12 +181,14 @@ def test_the_plan_prints_every_method_without_touching_data(tmp_path, capsys):
 
 def test_a_cuda_run_that_cannot_fit_stops_before_anything_is_written(tmp_path, monkeypatch, capsys):
     import main
+    import preflight
 
     touched = []
     monkeypatch.setattr(main, "prepare_demo", lambda *a: touched.append("demo") or pytest.fail("the check passed"))
     flags = ["--device", "cuda", "--demo", "--demo_dir", str(tmp_path), "--stage", "teacher", "--zo_config", "zo",
              "--batch_size", "8"]
-    need = main.step_plan_of(main.settings_from(main.build_parser(), flags), "zo", "tiny", 1e6, search=False)["need_mb"]
+    args = main.settings_from(main.build_parser(), flags)
+    need = preflight.step_plan_of(args, main.step_config, "zo", "tiny", 1e6, search=False)["need_mb"]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(need * 0.9 * 2**20), 80 * 2**30))
     with pytest.raises(SystemExit) as stop:
         main.main(flags)
