@@ -17,6 +17,7 @@ import torch
 import datacollection as dc
 import evaluation
 import main
+import model_file
 import pipeline_ecg
 import predict
 import synthetic_ecg as synth
@@ -299,12 +300,12 @@ def test_old_merged_files_load_with_a_warning(trained, tiny_demo, tmp_path, capl
         del saved["result"]["thresholds"], saved["result"]["leads"]
     old = tmp_path / "merged_old_student.pt"
     torch.save(saved, old)
-    with caplog.at_level(logging.WARNING, logger="adagrad_fusion.pipeline_ecg"):
-        result, _, model = pipeline_ecg.load_merged(old, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="adagrad_fusion.model_file"):
+        result, _, model = model_file.load_merged(old, torch.device("cpu"))
     (warning,) = [r.getMessage() for r in caplog.records if "written before" in r.getMessage()]
     for what in ("class_names", "thresholds", "leads", "preprocessing"):
         assert what in warning and str(old) in warning
-    new_model = pipeline_ecg.load_merged(trained.student, torch.device("cpu"))[2]
+    new_model = model_file.load_merged(trained.student, torch.device("cpu"))[2]
     assert model["class_names"] == new_model["class_names"] and model["preprocessing"] == new_model["preprocessing"]
     if recorded_in_result:
         np.testing.assert_array_equal(model["thresholds"], new_model["thresholds"])

@@ -18,6 +18,7 @@ import torch
 
 import evaluation
 import main
+import model_file
 import pipeline_ecg
 from ecg_dataset import load_experiment_datasets
 from Half_Trainer import HalfTrainer
@@ -326,8 +327,8 @@ def test_runs_of_other_result_folders_never_share_a_checkpoint(tiny_demo, backbo
         (recorded,) = json.loads((Path(flags[3]) / f"{name}.json").read_text())
         merged = checkpoints / f"merged_{name}_WFDB_Demo_teacher.pt"
         assert recorded["checkpoint"] == str(merged)
-        _, net, model = pipeline_ecg.load_merged(merged, torch.device("cpu"))
-        labels, scores = pipeline_ecg.predict(net, test_loader, torch.device("cpu"))
+        _, net, model = model_file.load_merged(merged, torch.device("cpu"))
+        labels, scores = evaluation.predict(net, test_loader, torch.device("cpu"))
         scored = evaluation.evaluate(labels, scores, thresholds=np.asarray(model["thresholds"]))
         for key in ("auc_roc_macro", "F1score_b", "Map_value"):
             assert scored[key] == pytest.approx(recorded[key]), (name, key)
