@@ -591,7 +591,7 @@ def _interleaved_times(runners, record, repeats):
 def _deployed_rows(merged_files, repeats):
     """Each trained student (merged file) as deployed: eager PyTorch, and its float32 and int8 ONNX
     files as predict.py --export --int8 writes them (calibrated on its validation split), beside
-    `int8_all`, the same quantization with nothing kept float32 (what predict.float_nodes saves).
+    `int8_all`, the same quantization with nothing kept float32 (what onnx_export.float_nodes saves).
     Latency on one CPU thread at batch 1, all runtimes of all students interleaved in this process,
     best (and median) of `repeats`; then again with denormal floats flushed to zero on that thread
     (`best_ms_flushed`): exponentials of masked attention scores are denormal, and x86 computes with
@@ -605,6 +605,7 @@ def _deployed_rows(merged_files, repeats):
     import torch
 
     import evaluation
+    import onnx_export
     import pipeline_ecg
     import predict
 
@@ -623,9 +624,9 @@ def _deployed_rows(merged_files, repeats):
             name = model.config if not any(key.startswith(f"{model.config} ") for key in rows) else str(merged)
             float_path = Path(tmp) / f"student{index}.onnx"
             predict.export_onnx(model, float_path, predict.calibration_source(model, None))
-            paths = {"eager": Path(merged), "float32": float_path, "int8": predict.int8_path(float_path),
+            paths = {"eager": Path(merged), "float32": float_path, "int8": onnx_export.int8_path(float_path),
                      "int8_all": Path(tmp) / f"student{index}.all.onnx"}
-            predict.quantize_int8(float_path, paths["int8_all"], predict.calibration_source(model, None), kept={})
+            onnx_export.quantize_int8(float_path, paths["int8_all"], predict.calibration_source(model, None), kept={})
             memory = _measure_in_fresh_processes("inference", [f"deployed:{r}:{p}" for r, p in paths.items()], [])
             scores = {runtime: [] for runtime in paths}
             labels = []
