@@ -224,6 +224,13 @@ def test_pretrain_missing_code15_message(tmp_path):
                  main.pretrain_config(config=CONFIG), torch.device("cpu"))
 
 
+def test_pretraining_loads_no_fine_tuning():
+    """pipeline_pretrain imports nothing of pipeline_ecg, not even through another module."""
+    code = "import sys, pipeline_pretrain; print('pipeline_ecg' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
+
+
 def test_torchrun_two_processes_gloo(tiny_demo, tmp_path):
     out_dir = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,6 +6,9 @@ import csv
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
@@ -27,6 +30,8 @@ from model_src_ecg import build_model
 from pipeline_pretrain import pretrain
 
 log = logging.getLogger("tests.test_predict")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = "tinylight"
 RATIO, SEED = 0.3, 18
@@ -112,6 +117,13 @@ def model_probabilities(model, inputs):
 
 def run_predict(*argv):
     return predict.main([str(a) for a in argv])
+
+
+def test_applying_a_model_loads_no_training():
+    """predict.py imports neither the training loop nor the steps, not even through another module."""
+    code = "import sys, predict; print(sorted({'pipeline_ecg', 'Half_Trainer'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_csv_of_a_folder_with_sub_folders(trained, tiny_demo, tmp_path, one_thread):
