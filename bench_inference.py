@@ -55,7 +55,8 @@ def _onnx_runtime_figures(config, batch, repeats):
 
     from helper_code import LEADS, PeakMemory
     from model_src_ecg import build_model
-    from predict import ONNX_INPUT, Model, export_onnx
+    from onnx_export import ONNX_INPUT, export_onnx
+    from predict import Model
 
     torch.manual_seed(0)
     net = build_model(config, MODEL_NUM_CLASS).eval()
@@ -77,7 +78,7 @@ def _onnx_runtime_figures(config, batch, repeats):
 def _onnx_runtime_rows(student, batch, repeats):
     """The student under ONNX Runtime beside eager PyTorch, both on one CPU thread, each the best of
     `repeats`; {} (with the reason logged) where the ONNX packages are missing."""
-    from predict import ONNX_PACKAGES, missing_onnx_packages
+    from onnx_export import ONNX_PACKAGES, missing_onnx_packages
 
     missing = missing_onnx_packages((*ONNX_PACKAGES, ONNX_RUNTIME))
     if missing:
@@ -164,7 +165,7 @@ def _interleaved_times(runners, record, repeats):
 def _deployed_rows(merged_files, repeats):
     """Each trained student (merged file) as deployed: eager PyTorch, and its float32 and int8 ONNX
     files as predict.py --export --int8 writes them (calibrated on its validation split), beside
-    `int8_all`, the same quantization with nothing kept float32 (what predict.float_nodes saves).
+    `int8_all`, the same quantization with nothing kept float32 (what onnx_export.float_nodes saves).
     Latency on one CPU thread at batch 1, all runtimes of all students interleaved in this process,
     best (and median) of `repeats`; then again with denormal floats flushed to zero on that thread
     (`best_ms_flushed`): exponentials of masked attention scores are denormal, and x86 computes with
@@ -178,6 +179,7 @@ def _deployed_rows(merged_files, repeats):
     import torch
 
     import evaluation
+    import onnx_export
     import pipeline_ecg
     import predict
 
@@ -197,10 +199,10 @@ def _deployed_rows(merged_files, repeats):
         for index, (merged, model) in enumerate(zip(merged_files, models)):
             name = model.config if not any(key.startswith(f"{model.config} ") for key in rows) else str(merged)
             float_path = Path(tmp) / f"student{index}.onnx"
-            predict.export_onnx(model, float_path, predict.calibration_source(model, None))
-            paths = {"eager": Path(merged), "float32": float_path, "int8": predict.int8_path(float_path),
+            onnx_export.export_onnx(model, float_path, predict.calibration_source(model, None))
+            paths = {"eager": Path(merged), "float32": float_path, "int8": onnx_export.int8_path(float_path),
                      "int8_all": Path(tmp) / f"student{index}.all.onnx"}
-            predict.quantize_int8(float_path, paths["int8_all"], predict.calibration_source(model, None), kept={})
+            onnx_export.quantize_int8(float_path, paths["int8_all"], predict.calibration_source(model, None), kept={})
             memory = measure_in_fresh_processes("inference", [f"deployed:{r}:{p}" for r, p in paths.items()], [])
             scores = {runtime: [] for runtime in paths}
             labels = []

@@ -1,4 +1,5 @@
-"""Multi-label metrics and the per-class threshold search, vectorised.
+"""Multi-label metrics and the per-class threshold search, vectorised; and the scores a network gives
+over a loader (predict), which every run validates and tests on.
 
 Every metric works on whole (N, C) arrays: one sort of every class column at once gives the
 precision-recall curve, the ROC counts, the confusion counts at any thresholds and the best
@@ -22,9 +23,15 @@ Conventions for degenerate cases:
 - Ranking loss: samples with no positive or no negative labels contribute 0 (as sklearn).
 - Coverage error: samples with no positive labels contribute 0 (as sklearn).
 """
-import numpy as np
+import logging
 
-from helper_code import CHALLENGE_CLASS_OF, CHALLENGE_WEIGHTS_80THS
+import numpy as np
+import torch
+
+from helper_code import CHALLENGE_CLASS_OF, CHALLENGE_WEIGHTS_80THS, NUM_LEADS
+from model_src_ecg import mask_leads
+
+log = logging.getLogger("adagrad_fusion.evaluation")
 
 BETA = 2
 DEFAULT_THRESHOLD = 0.5      # thresholds=None: scores are probabilities
@@ -149,6 +156,15 @@ def average_precision(labels, scores):
     """Per-class AP = sum over positives of precision at their rank / number of positives (ties share
     the precision at the end of their group). NaN for a class without positives."""
     return _ClassCurves(*_check(labels, scores)).average_precision()
+
+
+def mean_average_precision(labels, scores):
+    """Validation criterion: mAP x 100 (0 where no class has a positive, or for a diverged model)."""
+    if not np.isfinite(scores).all():
+        log.warning("validation scores hold NaN/inf (diverged training?): counted as mAP 0")
+        return 0.0
+    ap = average_precision(labels, scores)
+    return float(100 * np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
 
 
 def auroc(labels, scores):
@@ -325,3 +341,23 @@ def _merge_equivalent(values, first_column, column_class):
     for column in np.setdiff1d(np.arange(values.shape[1]), first_column):
         merged[:, column_class[column]] |= values[:, column]
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# The network's scores over a loader
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(net, loader, device, leads=NUM_LEADS):
+    """(labels as float64, sigmoid scores of the main head as float32: the width the net computes
+    them in, which the metrics sort fastest) over a loader, as numpy arrays."""
+    was_training = net.training
+    net.eval()
+    labels, scores = [], []
+    for x, y in loader:
+        x = x.to(device)
+        if leads != NUM_LEADS:
+            x = mask_leads(x, leads)
+        scores.append(torch.sigmoid(net(x)[1]).float().cpu())
+        labels.append(y)
+    net.train(was_training)
+    return torch.cat(labels).double().numpy(), torch.cat(scores).numpy()

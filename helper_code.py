@@ -1,6 +1,6 @@
-"""Shared helpers: seeding, device choice, logging, flags, atomic writes, peak-memory measurement
-(measured, and simulated by counting live tensor storage); the names of the files every script
-shares; and the label facts.
+"""Shared helpers: seeding, the learning-rate schedule, device choice, logging, flags, atomic writes,
+peak-memory measurement (measured, and simulated by counting live tensor storage); the names of the
+files every script shares; and the label facts.
 
 This module imports nothing from the project: every other module may import it.
 """
@@ -42,6 +42,18 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def warmup_linear_decay(optimizer, total, warmup_fraction):
+    """Linear warm-up over the first `warmup_fraction` of `total` steps, then linear decay to 0: the
+    schedule of fine-tuning and of pretraining."""
+    warmup = max(1, int(warmup_fraction * total))
+
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def state_digest(state):

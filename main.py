@@ -29,8 +29,9 @@ from ecg_dataset import load_experiment_datasets
 from Half_Trainer import ALIASES, BN_RUNNING_STATS, ESTIMATORS, FUSIONS, HEAD_RULES, METHODS, PERTURBATIONS, StepConfig
 from helper_code import (CODE15_TRAIN_H5, CODE15_VALID_H5, DATASETS, DEMO_DATASET, REPO_ROOT, FlagParser, float_in,
                          get_device, int_at_least, memory_size, setup_logging)
+from model_file import load_merged
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
-from pipeline_ecg import RunConfig, finetune, load_merged, pretrained_path, run_teacher_and_student
+from pipeline_ecg import RunConfig, finetune, pretrained_path, run_teacher_and_student
 from pipeline_pretrain import PretrainConfig
 from preflight import (PAPER_SCALE, check_checkpoints, check_gpu_memory, locate_datasets, memory_plan,
                        prepare_demo, simulated_peaks, teacher_methods)

@@ -15,7 +15,7 @@ What varies between runs is only (a) the step, which HalfTrainer.step picks by t
 everything, or the heads), and (c) whether a frozen teacher supplies soft targets. The loop around
 it is shared: CutMix-ed batches, validation every `interval` samples, early stopping on 1/mAP, the best
 state kept, reload, merge, thresholds on validation, test metrics. runs.py names its files and
-holds what a resume restores.
+holds what a resume restores; model_file.py writes and reads the merged file a finished stage leaves.
 """
 import logging
 import math
@@ -23,19 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import evaluation
-from ecg_dataset import record_names
 from Half_Trainer import METHODS, HalfTrainer, StepConfig
-from helper_code import (LABEL_ABBREVIATION, NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything,
-                         state_digest)
-from model_src_ecg import (KEPT_LEADS, adapter_state_dict, belongs_to_heads, build_model, cutmix, draw_heads,
-                           heads_state, load_adapter_state, load_pretrained, mark_trainable, mask_leads)
-from runs import Progress, Stage, check_writer, random_states, restore_random_states
+from helper_code import (NUM_LEADS, PUBLISHED_BACKBONES, PeakMemory, backbone_name, seed_everything, state_digest,
+                         warmup_linear_decay)
+from model_file import merged_state, model_description, model_from_file, result_to_tensors
+from model_src_ecg import (adapter_state_dict, belongs_to_heads, build_model, cutmix, draw_heads, heads_state,
+                           load_adapter_state, load_pretrained, mark_trainable, mask_leads)
+from runs import Progress, Stage, random_states, restore_random_states
 
 log = logging.getLogger("adagrad_fusion.pipeline_ecg")
 
@@ -91,43 +90,6 @@ def check_pretrained(path, config):
             f"pretrained checkpoint not found: {path}. Put there {PUBLISHED_BACKBONES}, or pretrain "
             f"one on CODE-15 with `python pipeline_pretrain.py --config {config}`, or start from "
             f"random weights with --no-pretrained")
-
-
-def warmup_linear_decay(optimizer, total, warmup_fraction):
-    """Linear warm-up over the first `warmup_fraction` of `total` steps, then linear decay to 0."""
-    warmup = max(1, int(warmup_fraction * total))
-
-    def factor(step):
-        if step < warmup:
-            return step / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@torch.no_grad()
-def predict(net, loader, device, leads=NUM_LEADS):
-    """(labels as float64, sigmoid scores of the main head as float32: the width the net computes
-    them in, which the metrics sort fastest) over a loader, as numpy arrays."""
-    was_training = net.training
-    net.eval()
-    labels, scores = [], []
-    for x, y in loader:
-        x = x.to(device)
-        if leads != NUM_LEADS:
-            x = mask_leads(x, leads)
-        scores.append(torch.sigmoid(net(x)[1]).float().cpu())
-        labels.append(y)
-    net.train(was_training)
-    return torch.cat(labels).double().numpy(), torch.cat(scores).numpy()
-
-
-def mean_average_precision(labels, scores):
-    """Validation criterion: mAP x 100 (0 where no class has a positive, or for a diverged model)."""
-    if not np.isfinite(scores).all():
-        log.warning("validation scores hold NaN/inf (diverged training?): counted as mAP 0")
-        return 0.0
-    ap = evaluation.average_precision(labels, scores)
-    return float(100 * np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
 
 
 def build_net(cfg, num_class, positive_probably):
@@ -261,7 +223,7 @@ def validate(training, valid_loader, stage, cfg, device, train_records):
     """Validation mAP; a strict gain keeps the state as the best (early stopping on 1/mAP), no gain
     counts towards patience. Appends the history row."""
     progress = training.progress
-    valid_map = mean_average_precision(*predict(training.net, valid_loader, device, cfg.leads))
+    valid_map = evaluation.mean_average_precision(*evaluation.predict(training.net, valid_loader, device, cfg.leads))
     if valid_map > progress.best_map:
         progress.best_map, progress.checks_without_gain = valid_map, 0
         stage.save_best(trained_state(training.net, cfg.trains))
@@ -334,8 +296,7 @@ def finetune(data, dataset, cfg, device, teacher=None, role="teacher"):
                   best_valid_map=progress.best_map, initial_heads_digest=training.initial_heads_digest, role=role,
                   config=cfg.config, method=cfg.method, r=cfg.rank, leads=cfg.leads, dataset=dataset,
                   checkpoint=str(stage.merged), history=str(stage.history))
-    stage.save_merged(result=_result_to_tensors(result),
-                      model=model_description(net, cfg, data, thresholds))
+    stage.save_merged(result=result_to_tensors(result), model=model_description(net, cfg, data, thresholds))
     log.info("%s %s: test macro AUROC %.4f, F-beta %.4f, mAP %.2f", dataset, role, result["auc_roc_macro"],
              result["F1score_b"], result["Map_value"])
     return result, net
@@ -346,8 +307,8 @@ def score(net, valid_loader, test_loader, class_codes, leads, device):
     Returns (every metric of evaluation.evaluate and the Challenge score, the thresholds)."""
     net.merge_net()
     net.eval()
-    thresholds = evaluation.find_thresholds(*predict(net, valid_loader, device, leads))
-    labels, scores = predict(net, test_loader, device, leads)
+    thresholds = evaluation.find_thresholds(*evaluation.predict(net, valid_loader, device, leads))
+    labels, scores = evaluation.predict(net, test_loader, device, leads)
     result = evaluation.evaluate(labels, scores, thresholds=thresholds)
     result["challenge_score"] = challenge_score(labels, scores >= thresholds, class_codes)
     return result, thresholds
@@ -362,93 +323,6 @@ def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, dis
                                  role="student")
     student_result["teacher"] = teacher_result
     return student_result
-
-
-# ---------------------------------------------------------------------------------------------
-# The merged model file: self-describing, what --teacher distils from and predict.py applies
-# ---------------------------------------------------------------------------------------------
-def merged_state(net):
-    """A merged net's weights without its adapters (folded in, B zeroed): an r=0 model's state dict."""
-    return {k: v.detach().cpu() for k, v in net.state_dict().items() if "lora_" not in k}
-
-
-def model_description(net, cfg, data, thresholds):
-    """Everything needed to apply the merged model to new records, beside its weights."""
-    return {"config": cfg.config, "num_class": int(net.classifier[1].out_features),
-            "positive_probably": float(net.positive_probably), "class_codes": list(data.class_codes),
-            "class_names": list(data.class_names), "thresholds": torch.from_numpy(np.asarray(thresholds, np.float64)),
-            "leads": list(KEPT_LEADS[cfg.leads]), "preprocessing": data.preprocessing,
-            "split": split_description(data, cfg.seed), "state_dict": merged_state(net)}
-
-
-def split_description(data, seed):
-    """Which records the model was validated and tested on: the HDF5 (as the run named it), its row
-    count, the seed, and the rows of each split; the validation records also by name, so that
-    calibration (predict.py --int8) can find them in a folder of records and never takes a test one."""
-    h5_path = data.valid.h5_path
-    with h5py.File(h5_path, "r") as f:
-        rows = len(f["label_set"])
-    return {"h5": str(h5_path), "rows": rows, "seed": int(seed),
-            "validation": torch.from_numpy(np.asarray(data.valid.indices, np.int64)),
-            "validation_names": record_names(h5_path, data.valid.indices),
-            "test": torch.from_numpy(np.asarray(data.test.indices, np.int64))}
-
-
-def _result_to_tensors(result):
-    return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in result.items()}
-
-
-def _result_from_tensors(result):
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
-
-
-def load_merged(path, device):
-    """(result, merged net in eval mode, model description) from a `merged_*.pt` file; one another run
-    overwrote (its recorded writer is not the stage its name says) is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"merged model not found: {path} (a finished run writes merged_*.pt into its "
-                                f"checkpoint_dir)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    check_writer(path, saved)
-    return model_from_file(saved, device, path)
-
-
-def model_from_file(saved, device, path="a merged model file"):
-    """(result, merged net in eval mode, model description) from the dict a finished stage wrote."""
-    result = _result_from_tensors(saved["result"])
-    model = completed_description(saved["model"], result, path)
-    net = build_model(model["config"], model["num_class"], r=0, positive_probably=model["positive_probably"])
-    net.load_state_dict(model["state_dict"])
-    net.requires_grad_(False)
-    return result, net.to(device).eval(), model
-
-
-def completed_description(model, result, path):
-    """The model description of a merged file; one written before the files described themselves
-    lacks class names, thresholds, leads and preprocessing: they are filled in, from its result
-    where it recorded them, and a warning says what was assumed."""
-    model, assumed = dict(model), []
-    if "class_names" not in model:
-        model["class_names"] = [LABEL_ABBREVIATION.get(str(code), str(code)) for code in model["class_codes"]]
-        assumed.append("class_names (the codes' abbreviations)")
-    if "thresholds" not in model:
-        recorded = "thresholds" in result
-        thresholds = result["thresholds"] if recorded else np.full(model["num_class"], evaluation.DEFAULT_THRESHOLD)
-        model["thresholds"] = torch.from_numpy(np.asarray(thresholds, np.float64))
-        assumed.append("thresholds (its test result's, chosen on validation)" if recorded
-                       else f"thresholds ({evaluation.DEFAULT_THRESHOLD} for every class)")
-    if "leads" not in model:
-        model["leads"] = list(KEPT_LEADS[int(result.get("leads", NUM_LEADS))])
-        source = "the lead count in its result" if "leads" in result else "all 12"
-        assumed.append(f"leads ({', '.join(model['leads'])}: {source})")
-    if "preprocessing" not in model:
-        from datacollection import PREPROCESSING  # the converter's, only for a file that does not say
-        model["preprocessing"] = dict(PREPROCESSING)
-        assumed.append("preprocessing (the converter's: datacollection.PREPROCESSING)")
-    if assumed:
-        log.warning("%s was written before merged files described themselves; assumed: %s", path, "; ".join(assumed))
-    return model
 
 
 def challenge_score(labels, predictions, class_codes):

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluation
 from ecg_dataset import ECGH5Dataset
 from Half_Trainer import compute_loss
-from helper_code import CODE15_DATA_URL, atomic_path, get_device, seed_everything, state_digest
+from helper_code import CODE15_DATA_URL, atomic_path, get_device, seed_everything, state_digest, warmup_linear_decay
 from model_src_ecg import build_model
-from pipeline_ecg import mean_average_precision, predict, warmup_linear_decay
 
 log = logging.getLogger("adagrad_fusion.pipeline_pretrain")
 
@@ -109,7 +109,7 @@ def pretrain(train_h5, valid_h5, out_path, cfg, device):
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            valid_map = mean_average_precision(*predict(net, valid_loader, device))
+            valid_map = evaluation.mean_average_precision(*evaluation.predict(net, valid_loader, device))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_mAP=f"{valid_map:.2f}", refresh=False)
             if valid_map > best_map:
                 best_map, epochs_without_gain = valid_map, 0

@@ -16,10 +16,8 @@ appears only when complete. docs/predict.md describes the CSV, the Challenge out
 pictures and the int8 model.
 """
 import argparse
-import ast
 import collections
 import contextlib
-import copy
 import csv
 import json
 import logging
@@ -37,13 +35,16 @@ import torch
 from tqdm import tqdm
 
 import ecg_plot
-import pipeline_ecg
+import evaluation
 from datacollection import (CODE15_LABELS, PREPROCESSING, SAMPLES, RecordSkipped, find_records, preprocess_many,
                             read_challenge_record)
 from helper_code import (LEADS, NUM_LEADS, FlagParser, atomic_path, backbone_name, get_device, int_at_least,
                          settings_differences, setup_logging)
-from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS, NN_default, build_model, load_pretrained, mask_leads
+from model_file import is_merged, model_from_file
+from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS, build_model, load_pretrained
 from model_src_ecg.backbone import DDP_PREFIX
+from onnx_export import (INT8_SUFFIX, ONNX_INPUT, ONNX_METADATA, ONNX_OUTPUTS, ONNX_PACKAGES, ONNX_RUNTIME, export_onnx,
+                         missing_onnx_packages)
 
 log = logging.getLogger("adagrad_fusion.predict")
 
@@ -54,13 +55,7 @@ BACKBONE_THRESHOLD = 0.5
 CODE15_SNOMED = {"1dAVb": "270492004", "RBBB": "59118001", "LBBB": "164909002", "SB": "426177001",
                  "ST": "427084000", "AF": "164889003"}
 HDF5_SUFFIXES = (".h5", ".hdf5")
-ONNX_INPUT = "ecg"
-ONNX_OUTPUTS = ("probabilities", "labels")
-ONNX_PACKAGES = ("onnx", "onnxscript")   # torch.onnx.export needs both; onnxruntime runs the file
-ONNX_RUNTIME = "onnxruntime"
 ONNX_SUFFIX = ".onnx"
-INT8_SUFFIX = ".int8.onnx"               # the int8 model is written beside the float32 one
-ONNX_METADATA = ("config", "class_codes", "class_names", "thresholds", "leads", "preprocessing")
 
 
 @dataclass
@@ -73,7 +68,7 @@ class Model:
     thresholds: np.ndarray          # float64, one per class: label = probability >= threshold
     leads: tuple                    # the leads it reads; the others are zeroed (KEPT_LEADS)
     preprocessing: dict | None      # what its training records went through (None: not recorded)
-    split: dict | None = None       # the records it was validated and tested on (pipeline_ecg.split_description)
+    split: dict | None = None       # the records it was validated and tested on (model_file.split_description)
     session: object = None          # an ONNX file's onnxruntime.InferenceSession; `net` is then None
 
 
@@ -94,11 +89,11 @@ def load_model(path, device, config=None, threads=None):
         detail = str(error).strip().split(". ")[0]      # torch's messages run on for lines
         reason = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
         raise ValueError(f"argument --model: {path} is not a model file torch can read ({reason})") from None
-    if isinstance(saved, dict) and "model" in saved and "result" in saved:
+    if is_merged(saved):
         if config is not None:
             raise ValueError(f"argument --config: only for a backbone checkpoint; {path} is a merged model file, "
                              f"which names its config")
-        _, net, description = pipeline_ecg.model_from_file(saved, device, path)
+        _, net, description = model_from_file(saved, device, path)
         model = Model(net, description["config"], [str(c) for c in description["class_codes"]],
                       [str(n) for n in description["class_names"]],
                       np.asarray(description["thresholds"], np.float64), tuple(description["leads"]),
@@ -297,13 +292,13 @@ def record_source(path, model, only=None, flag="--records"):
 # Scoring and the outputs
 # ---------------------------------------------------------------------------------------------
 def probabilities(model, inputs, device):
-    """(k, classes) float32: training's own scoring (pipeline_ecg.predict: the model's lead masking,
+    """(k, classes) float32: training's own scoring (evaluation.predict: the model's lead masking,
     then the sigmoid of the main head), on one batch; an ONNX model's `probabilities` output, which
     computes the same inside its graph."""
     if model.session is not None:
         return model.session.run([ONNX_OUTPUTS[0]], {ONNX_INPUT: np.ascontiguousarray(inputs, np.float32)})[0]
     batch = [(torch.from_numpy(inputs), torch.zeros(len(inputs)))]
-    return pipeline_ecg.predict(model.net, batch, device, len(model.leads))[1]
+    return evaluation.predict(model.net, batch, device, len(model.leads))[1]
 
 
 def csv_columns(model):
@@ -399,86 +394,7 @@ def predict_records(model, source, out, challenge_dir, device, batch_size=BATCH,
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX
-# ---------------------------------------------------------------------------------------------
-class ExportedModel(torch.nn.Module):
-    """What the ONNX file computes from a (batch, 12, 1, SAMPLES) input: the model's lead masking,
-    its network, the main head's probabilities, and the labels at the stored thresholds (compared
-    in float64, as the CSV's)."""
-
-    def __init__(self, net, leads, thresholds):
-        super().__init__()
-        self.net, self.n_leads = net, len(leads)
-        self.register_buffer("thresholds", torch.as_tensor(thresholds, dtype=torch.float64))
-
-    def forward(self, ecg):
-        if self.n_leads != NUM_LEADS:
-            ecg = mask_leads(ecg, self.n_leads)
-        probs = torch.sigmoid(self.net(ecg)[1])
-        return probs, probs.double() >= self.thresholds
-
-
-def onnx_metadata(model):
-    """The ONNX file's metadata_props: what applying it needs, as JSON text."""
-    return {"config": model.config, "class_codes": json.dumps(model.class_codes),
-            "class_names": json.dumps(model.class_names), "thresholds": json.dumps(model.thresholds.tolist()),
-            "leads": json.dumps(list(model.leads)), "preprocessing": json.dumps(model.preprocessing),
-            "input": f"{ONNX_INPUT}: (batch, {NUM_LEADS}, 1, {SAMPLES}) float32, preprocessed records, leads in "
-                     f"{', '.join(LEADS)} order (leads the model does not read are zeroed inside)",
-            "outputs": f"{ONNX_OUTPUTS[0]}: (batch, classes) float32, the main head's sigmoid; {ONNX_OUTPUTS[1]}: "
-                       f"(batch, classes) bool, probability >= threshold"}
-
-
-def onnx_proto(model):
-    """`model` as an ONNX ModelProto at a fixed 12 x SAMPLES input and a dynamic batch size, its
-    metadata set."""
-    import onnx
-
-    for name in ("onnxscript", "onnx_ir"):     # their INFO lines narrate every graph rewrite
-        logging.getLogger(name).setLevel(logging.WARNING)
-    net = copy.deepcopy(model.net).cpu().eval()
-    if isinstance(net, NN_default):
-        net.lean_forward = False   # the streamed no-grad forward splits the batch by its size; same values
-    exported = ExportedModel(net, model.leads, model.thresholds).eval()
-    example = torch.zeros(2, NUM_LEADS, 1, SAMPLES)
-    with torch.no_grad():
-        program = torch.onnx.export(exported, (example,), dynamo=True, input_names=[ONNX_INPUT],
-                                    output_names=list(ONNX_OUTPUTS),
-                                    dynamic_shapes={ONNX_INPUT: {0: torch.export.Dim("batch")}})
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, onnx_metadata(model))
-    return proto
-
-
-def int8_path(path):
-    """Where --int8 writes the quantized model: FILE.int8.onnx beside FILE.onnx."""
-    return Path(path).with_suffix(INT8_SUFFIX)
-
-
-def export_onnx(model, path, calibration=None):
-    """Write `model` as ONNX at `path`; with `calibration` (a RecordSource), also its int8 model at
-    int8_path(path). Both files appear together, whole, or neither does."""
-    import onnx
-
-    proto = onnx_proto(model)
-    kept = float_nodes(proto) if calibration is not None else {}
-    for node in proto.graph.node:     # the exporter's debugging aids: module scopes, stack traces with this
-        del node.metadata_props[:]    # machine's paths; a tenth of a small model's file
-    with contextlib.ExitStack() as stack:
-        float_tmp = stack.enter_context(atomic_path(path))
-        onnx.save(proto, str(float_tmp))
-        if calibration is not None:
-            quantize_int8(float_tmp, stack.enter_context(atomic_path(int8_path(path))), calibration, kept)
-    log.info("wrote %s: input %s (batch, %d, 1, %d); outputs %s", path, ONNX_INPUT, NUM_LEADS, SAMPLES,
-             ", ".join(ONNX_OUTPUTS))
-    if calibration is not None:
-        log.info("wrote %s: the same, int8 (%.0f%% of the float32 file's size)", int8_path(path),
-                 100 * int8_path(path).stat().st_size / Path(path).stat().st_size)
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# int8: static quantization by ONNX Runtime, calibrated on the model's validation records
+# The records --int8 calibrates on (onnx_export quantizes)
 # ---------------------------------------------------------------------------------------------
 def calibration_source(model, path):
     """The records --int8 calibrates on: of `path` (None: the HDF5 the model's run split), only those
@@ -510,84 +426,6 @@ def calibration_source(model, path):
                          f"or a folder holding them (only those are used, never a test record)")
     log.info("calibrating on the model's validation records found in %s: %d of %d", path, source.total, len(names))
     return source
-
-
-class CalibrationBatches:
-    """ONNX Runtime's CalibrationDataReader over a RecordSource: {input name: batch} until the records
-    run out (`records` counts them); a record that cannot be read is logged, as predict_records does."""
-
-    def __init__(self, source, batch_size=BATCH):
-        self.batches = source.batches(batch_size)
-        self.records = 0
-
-    def get_next(self):
-        for batch in self.batches:
-            for name, reason, detail in batch.skipped:
-                log.warning("calibration: skipped %s: %s%s", name, reason, f" ({detail})" if detail else "")
-            if batch.names:
-                self.records += len(batch.names)
-                return {ONNX_INPUT: batch.inputs}
-        return None
-
-
-def float_nodes(proto):
-    """{node name: why it stays float32} for the nodes of an exported model that static int8 would
-    harm (measured on the demo's tinylight student: docs/predict.md):
-    - attention's score path (q.k^T, the scale, the causal mask, softmax, p.v): the mask is -3.4e38
-      where a token may not look, so one int8 scale for the masked scores flattens every real score
-      to the same step, and attention becomes a plain average;
-    - layer normalisation: ONNX Runtime's CPU provider has no int8 kernel for it, so quantizing it
-      only adds rounding around the float kernel;
-    - each head's last layer and all that follows (gating, sigmoid, thresholds): the probabilities
-      keep float resolution instead of 256 steps, and the labels their float thresholds."""
-    kept, after_heads = {}, set()
-    for node in proto.graph.node:         # in topological order, as ONNX requires
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
-                       if p.key == "pkg.torch.onnx.name_scopes"), [])
-        if "scaled_dot_product_attention" in scopes or node.op_type == "Softmax":
-            kept[node.name] = "attention scores"
-        elif node.op_type == "LayerNormalization":
-            kept[node.name] = "layer normalisation"
-        elif set(scopes) & {"net.classifier.1", "net.auxiliary_classifier.2"} or after_heads & set(node.input):
-            kept[node.name] = "head outputs"
-            after_heads.update(node.output)
-    return kept
-
-
-def quantize_int8(float_path, out_path, calibration, kept):
-    """The float32 ONNX file at `float_path` statically quantized by ONNX Runtime's tools to
-    `out_path`: its pre-processing (shape inference, constant folding), then QDQ with int8 weights
-    per output channel and uint8 activations per tensor, ranges the min/max over the calibration
-    records; the nodes of `kept` ({name: reason}, float_nodes) stay float32. The file carries the
-    float file's metadata and a `quantization` entry saying how it was made."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    proto = onnx.load(str(float_path))
-    reader = CalibrationBatches(calibration)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared, quantized_path = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        # the symbolic pass cannot follow the exporter's shape arithmetic; ONNX's own inference can
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(quantized_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=sorted(kept), calibrate_method=CalibrationMethod.MinMax)
-        quantized = onnx.load(str(quantized_path))
-    how = {"format": "QDQ", "weights": "int8, per output channel", "activations": "uint8, per tensor",
-           "calibration": f"min/max over {reader.records} records of {calibration.path}",
-           "float32": sorted(collections.Counter(kept.values()))}
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    onnx.helper.set_model_props(quantized, {**metadata, "quantization": json.dumps(how)})
-    onnx.save(quantized, str(out_path))
-    log.info("int8: calibrated on %d records; kept in float32: %s", reader.records,
-             ", ".join(f"{what} ({count} nodes)" for what, count in sorted(collections.Counter(kept.values()).items()))
-             or "nothing")
-
-
-def missing_onnx_packages(packages=ONNX_PACKAGES):
-    import importlib.util
-
-    return [name for name in packages if importlib.util.find_spec(name) is None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import main
 import pipeline_ecg
 from runs import Progress, load_results
@@ -130,7 +131,7 @@ def test_early_stop_after_patience_checks_without_gain(tiny_demo, backbones, tmp
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
     cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=20, interval=1,
                                  patience=2, checkpoint_dir=backbones, result_dir=tmp_path, run_name="stop")
-    monkeypatch.setattr(pipeline_ecg, "mean_average_precision", lambda labels, scores: 50.0)
+    monkeypatch.setattr(evaluation, "mean_average_precision", lambda labels, scores: 50.0)
     stopped, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     # the first check sets the best; two more without gain reach patience 2
     assert stopped["iterations"] == 3 and stopped["best_valid_map"] == 50.0
@@ -189,8 +190,8 @@ def test_reduced_leads_ignore_the_other_leads(tiny_demo):
     net = build_model(CONFIG, len(DEMO_CLASSES))
     loader = torch.utils.data.DataLoader(data.valid, batch_size=8)
     noisy = [(x + torch.randn_like(x) * torch.tensor([0.0] + [1.0] * 11).view(1, 12, 1, 1), y) for x, y in loader]
-    _, clean_scores = pipeline_ecg.predict(net, loader, torch.device("cpu"), leads=1)
-    _, noisy_scores = pipeline_ecg.predict(net, noisy, torch.device("cpu"), leads=1)
+    _, clean_scores = evaluation.predict(net, loader, torch.device("cpu"), leads=1)
+    _, noisy_scores = evaluation.predict(net, noisy, torch.device("cpu"), leads=1)
     np.testing.assert_allclose(clean_scores, noisy_scores, atol=1e-6)
 
 
@@ -221,6 +222,13 @@ def test_pretrain_missing_code15_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="CODE-15 HDF5 not found.*zenodo.*--demo"):
         pretrain(tmp_path / "CODE15_train_32.hdf5", tmp_path / "CODE15_valid_32.hdf5", tmp_path / "x.pkl",
                  main.pretrain_config(config=CONFIG), torch.device("cpu"))
+
+
+def test_pretraining_loads_no_fine_tuning():
+    """pipeline_pretrain imports nothing of pipeline_ecg, not even through another module."""
+    code = "import sys, pipeline_pretrain; print('pipeline_ecg' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
 
 
 def test_torchrun_two_processes_gloo(tiny_demo, tmp_path):

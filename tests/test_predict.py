@@ -6,6 +6,9 @@ import csv
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
@@ -17,6 +20,7 @@ import torch
 import datacollection as dc
 import evaluation
 import main
+import model_file
 import pipeline_ecg
 import predict
 import synthetic_ecg as synth
@@ -26,6 +30,8 @@ from model_src_ecg import build_model
 from pipeline_pretrain import pretrain
 
 log = logging.getLogger("tests.test_predict")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = "tinylight"
 RATIO, SEED = 0.3, 18
@@ -111,6 +117,13 @@ def model_probabilities(model, inputs):
 
 def run_predict(*argv):
     return predict.main([str(a) for a in argv])
+
+
+def test_applying_a_model_loads_no_training():
+    """predict.py imports neither the training loop nor the steps, not even through another module."""
+    code = "import sys, predict; print(sorted({'pipeline_ecg', 'Half_Trainer'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_csv_of_a_folder_with_sub_folders(trained, tiny_demo, tmp_path, one_thread):
@@ -299,12 +312,12 @@ def test_old_merged_files_load_with_a_warning(trained, tiny_demo, tmp_path, capl
         del saved["result"]["thresholds"], saved["result"]["leads"]
     old = tmp_path / "merged_old_student.pt"
     torch.save(saved, old)
-    with caplog.at_level(logging.WARNING, logger="adagrad_fusion.pipeline_ecg"):
-        result, _, model = pipeline_ecg.load_merged(old, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="adagrad_fusion.model_file"):
+        result, _, model = model_file.load_merged(old, torch.device("cpu"))
     (warning,) = [r.getMessage() for r in caplog.records if "written before" in r.getMessage()]
     for what in ("class_names", "thresholds", "leads", "preprocessing"):
         assert what in warning and str(old) in warning
-    new_model = pipeline_ecg.load_merged(trained.student, torch.device("cpu"))[2]
+    new_model = model_file.load_merged(trained.student, torch.device("cpu"))[2]
     assert model["class_names"] == new_model["class_names"] and model["preprocessing"] == new_model["preprocessing"]
     if recorded_in_result:
         np.testing.assert_array_equal(model["thresholds"], new_model["thresholds"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,9 +19,12 @@ import torch
 
 import evaluation
 import main
+import model_file
 import pipeline_ecg
+import predict
+import runs
 from ecg_dataset import load_experiment_datasets
-from Half_Trainer import HalfTrainer
+from Half_Trainer import METHODS, HalfTrainer
 from pipeline_pretrain import pretrain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -326,8 +330,8 @@ def test_runs_of_other_result_folders_never_share_a_checkpoint(tiny_demo, backbo
         (recorded,) = json.loads((Path(flags[3]) / f"{name}.json").read_text())
         merged = checkpoints / f"merged_{name}_WFDB_Demo_teacher.pt"
         assert recorded["checkpoint"] == str(merged)
-        _, net, model = pipeline_ecg.load_merged(merged, torch.device("cpu"))
-        labels, scores = pipeline_ecg.predict(net, test_loader, torch.device("cpu"))
+        _, net, model = model_file.load_merged(merged, torch.device("cpu"))
+        labels, scores = evaluation.predict(net, test_loader, torch.device("cpu"))
         scored = evaluation.evaluate(labels, scores, thresholds=np.asarray(model["thresholds"]))
         for key in ("auc_roc_macro", "F1score_b", "Map_value"):
             assert scored[key] == pytest.approx(recorded[key]), (name, key)
@@ -351,3 +355,168 @@ def test_resume_refuses_a_resumable_state_another_run_wrote(tiny_demo, backbone,
     message = str(refused.value.code)
     assert "\n" not in message and str(resumable) in message and f"run {other}," in message
     assert {p: p.read_bytes() for folder in folders for p in folder.iterdir()} == before   # nothing written or deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written before issue 35's move: the same layout is written, and files of it still load
+# ---------------------------------------------------------------------------------------------
+SAVED_LAYOUTS = Path(__file__).parent / "data" / "saved_layouts.json"
+# the runs whose files saved_layouts.json records (recorded at 7541265 by the same flags), every method's teacher
+# one; ft also its 1-lead student, distilled. Stages of 3 iterations, validated at 2 and 3.
+LAYOUT_ARGV = ["--config", CONFIG, "--student_config", CONFIG, "--batch_size", "16", "--finetune_epoch", "1",
+               "--interval", "2", "--interval_unit", "iterations", "--finetune_label_ratio", "0.3", "--seed", "18",
+               "--finetune_dataset", "WFDB_Demo", "--no-pretrained", "--device", "cpu", "--leads_for_student", "1"]
+# the methods whose files the test writes again: together every distinct file layout recorded; the other
+# methods' files differ from htuning's only in the trainer's state, checked for every method by
+# test_every_trainer_state_keeps_its_recorded_layout
+LAYOUT_RUNS = ("ft", "htuning", "fzoo", "probe")
+PLAIN_VALUES = {"int": 0, "float": 0.0, "str": "", "bool": False, "NoneType": None}
+
+
+def layout(value):
+    """The nested keys of `value`, a tensor as its dtype and shape, a plain value as its type."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str) else f"{type(k).__name__}:{k}"): layout(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [layout(v) for v in value]
+        if len(items) > 1 and all(item == items[0] for item in items):
+            return {f"<{type(value).__name__}>": len(items), "each": items[0]}
+        return {f"<{type(value).__name__}>": items}
+    return type(value).__name__
+
+
+def recorded_layouts():
+    """{file: layout} of saved_layouts.json, its shared parts written out."""
+    saved = json.loads(SAVED_LAYOUTS.read_text())
+
+    def expand(node):
+        if isinstance(node, str) and node.startswith("@"):
+            return expand(saved["parts"][node[1:]])
+        return {k: expand(v) for k, v in node.items()} if isinstance(node, dict) else node
+    return {name: expand(content) for name, content in saved["files"].items()}
+
+
+def in_layout(recorded, donor):
+    """A value of the `recorded` layout: `donor`'s value wherever it has one of that layout (a run needs
+    real values: its settings, generator states), else zeros of the tensor's dtype and shape, or the
+    type's plain value."""
+    if isinstance(recorded, str) and recorded.startswith("tensor "):
+        if isinstance(donor, torch.Tensor) and layout(donor) == recorded:
+            return donor
+        _, dtype, shape = recorded.split(" ", 2)
+        return torch.zeros(json.loads(shape), dtype=getattr(torch, dtype))
+    if isinstance(recorded, str):
+        return donor if type(donor).__name__ == recorded else PLAIN_VALUES[recorded]
+    sequence = next((key for key in recorded if key.startswith("<")), None)
+    if sequence is None:
+        named = {str(k) if isinstance(k, str) else f"{type(k).__name__}:{k}": v
+                 for k, v in (donor.items() if isinstance(donor, dict) else ())}
+        return {(int(k[len("int:"):]) if k.startswith("int:") else k): in_layout(v, named.get(k))
+                for k, v in recorded.items()}
+    items = [recorded["each"]] * recorded[sequence] if "each" in recorded else recorded[sequence]
+    donor = list(donor) if isinstance(donor, (list, tuple)) else []
+    built = [in_layout(item, donor[i] if i < len(donor) else None) for i, item in enumerate(items)]
+    return tuple(built) if sequence == "<tuple>" else built
+
+
+def run_through_stops(argv, method, stopped, recorded, files):
+    """main.main(argv) to its end: at each stop (KeyboardInterrupt), the stopped stage's resumable and best
+    files are read into `files` and replaced by files built in the recorded layout, and the run continues
+    (argv holds --resume). Returns the run's result."""
+    while True:
+        try:
+            return main.main(argv)[0]
+        except SystemExit as stop:
+            assert stop.code == 130
+        resume = stopped[-1]
+        role = resume.stem.rsplit("_", 1)[1]
+        for kind, path in (("resume", resume), ("best", resume.with_name(f"best{resume.name[len('resume'):]}"))):
+            name = f"{kind} {method} {role}"
+            files[name] = torch.load(path, weights_only=True)
+            torch.save(in_layout(recorded[name], files[name]), path)
+
+
+@pytest.fixture(scope="module")
+def written_files(tiny_demo, tmp_path_factory):
+    """Each run of LAYOUT_RUNS, every stage stopped right after its first resumable state and continued
+    from files built in the recorded layout (run_through_stops). Returns the files read ({name as
+    recorded: content}), the merged files' paths, and each run's flags and result."""
+    recorded, root = recorded_layouts(), tmp_path_factory.mktemp("layouts")
+    real_save, stopped = runs.Stage.save_resumable, []
+
+    def save_then_stop(self, **state):
+        real_save(self, **state)
+        if self.resume not in stopped:
+            stopped.append(self.resume)
+            raise KeyboardInterrupt
+
+    files, merged, argvs, results = {}, {}, {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(runs.Stage, "save_resumable", save_then_stop)
+            for method in LAYOUT_RUNS:
+                checkpoints = root / method / "checkpoints"
+                argvs[method] = [*LAYOUT_ARGV, "--zo_config", method, "--stage", "both" if method == "ft" else
+                                 "teacher", "--preprocessed_dir", str(tiny_demo["challenge_h5"].parent),
+                                 "--checkpoint_dir", str(checkpoints), "--result_dir", str(root / method / "result"),
+                                 "--resume"]
+                results[method] = run_through_stops(argvs[method], method, stopped, recorded, files)
+                for path in checkpoints.glob("merged_*.pt"):
+                    name = f"merged {method} {path.stem.rsplit('_', 1)[1]}"
+                    files[name], merged[name] = torch.load(path, weights_only=True), path
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(files=files, merged=merged, argvs=argvs, results=results, root=root)
+
+
+def test_files_are_written_in_the_layout_recorded_before_the_move(written_files):
+    recorded = recorded_layouts()
+    assert set(written_files.files) == {name for name in recorded if name.split()[1] in LAYOUT_RUNS}
+    for name, content in written_files.files.items():
+        assert layout(content) == recorded[name], name
+
+
+def test_files_in_the_recorded_layout_load(written_files, tmp_path):
+    recorded = recorded_layouts()
+    # every stage stopped continued from its files built in the recorded layout: its history goes on from them
+    for name, content in written_files.files.items():
+        if name.startswith("resume "):
+            (history,) = (written_files.root / name.split()[1] / "result").glob(f"*_{name.split()[2]}_history.csv")
+            with open(history, newline="") as f:
+                rows = list(csv.DictReader(f))
+            assert len(rows) == 2 and float(rows[0]["seconds"]) == content["history"][0]["seconds"], name
+    # merged files built in the recorded layout: read by predict.py, by model_file and by a finished run's reload
+    for name, path in written_files.merged.items():
+        torch.save(in_layout(recorded[name], written_files.files[name]), path)
+        model = predict.load_model(path, torch.device("cpu"))
+        assert model.config == CONFIG and model.split is not None
+        result, _, description = model_file.load_merged(path, torch.device("cpu"))
+        assert result["iterations"] == 3 and description["leads"] == list(model.leads)
+    reloaded = main.main(written_files.argvs["ft"])[0]
+    for result, earlier in ((reloaded, written_files.results["ft"]),
+                            (reloaded["teacher"], written_files.results["ft"]["teacher"])):
+        assert all(result[key] == earlier[key] for key in COMPARED)
+
+
+@pytest.fixture(scope="module")
+def layout_data(tiny_demo):
+    return load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, 18)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_trainer_state_keeps_its_recorded_layout(method, layout_data, tmp_path, one_thread):
+    """What each method's trainer saves for a resume (rng_state) after a step, as recorded before the
+    move; and a state built in that layout is taken back."""
+    recorded = recorded_layouts()[f"resume {method} teacher"]["random"]["trainer"]
+    cfg = main.run_config(zo_config=method, config=CONFIG, batch_size=16, seed=18, pretrained=False,
+                          checkpoint_dir=tmp_path, result_dir=tmp_path)
+    training = pipeline_ecg.start_training(cfg, layout_data, torch.device("cpu"), 3)
+    x, y = next(iter(torch.utils.data.DataLoader(layout_data.train, batch_size=16)))
+    pipeline_ecg.train_step(training, x, y, None, cfg, 3, torch.device("cpu"))
+    state = training.trainer.rng_state()
+    assert layout(state) == recorded
+    training.trainer.set_rng_state(in_layout(recorded, state))
