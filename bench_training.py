@@ -110,7 +110,8 @@ def _naive_htuning_step(model, optimizer, scheduler, x, y, cfg, current, total):
 
     import torch
 
-    from Half_Trainer import compute_loss, mixing_coefficient, module_modes, zo_parameters
+    from Half_Trainer import compute_loss, mixing_coefficient
+    from zo_estimators import module_modes, zo_parameters
 
     zo = [p for _, p in zo_parameters(model)]
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
@@ -153,7 +154,7 @@ def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MOD
     import torch
 
     import main
-    from Half_Trainer import ESTIMATORS, METHODS
+    from Half_Trainer import ESTIMATORS, METHODS, backprop_step
     from simulated_memory import training_setup
 
     method, _, variant = method.partition(":")   # see MEMORY_STEP_METHODS
@@ -174,7 +175,7 @@ def _step_runner(method, device, config, batch, bp_batch, num_class, samples=MOD
             with torch.no_grad():
                 model(x)
                 model(x)
-            parts.trainer.backprop_step(x[:bp_batch], y[:bp_batch])
+            backprop_step(parts.trainer, x[:bp_batch], y[:bp_batch])
         return floor_step
     return lambda i: parts.trainer.step(x, y, i, 100)
 

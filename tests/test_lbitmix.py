@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import main
-from Half_Trainer import HalfTrainer, compute_loss, module_modes, zo_parameters
+from Half_Trainer import HalfTrainer, compute_loss
 from model_src_ecg import (LBITMIX_CONFIGS, LBiTMix, LBiTMixConfig, adapter_state_dict, build_model, load_adapter_state,
                            load_pretrained, mark_only_lora_as_trainable, receptive_field)
+from zo_estimators import module_modes, zo_parameters
 
 SAMPLES = 1024           # 32 trunk steps: every code path at a fraction of the cost
 FULL_SAMPLES = 6144

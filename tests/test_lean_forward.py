@@ -9,10 +9,11 @@ import torch.nn as nn
 
 import bench_training
 import main
-from Half_Trainer import HalfTrainer, compute_loss, module_modes, recomputing
+from Half_Trainer import HalfTrainer, compute_loss, recomputing
 from helper_code import LiveStorageCounter
 from model_src_ecg import build_model, mark_only_lora_as_trainable
 from simulated_memory import training_peak_mb
+from zo_estimators import module_modes
 
 SAMPLES = 1024
 NUM_CLASS = 5

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 import main
-from Half_Trainer import HalfTrainer, compute_loss, mixing_coefficient, module_modes, zo_parameters
+from Half_Trainer import HalfTrainer, compute_loss, mixing_coefficient
 from model_src_ecg import build_model, mark_only_lora_as_trainable
+from zo_estimators import module_modes, zo_parameters
 
 SAMPLES = 1024          # 16 tokens: every code path of the backbone, at a fraction of the cost
 NUM_CLASS = 5
@@ -302,7 +303,7 @@ def test_module_modes_in_each_phase_and_restored_after():
         model.train(initial)
         modes_before = [m.training for m in model.modules()]
         seen.clear()
-        trainer.htuning_step(x, y, 0, 10)
+        trainer.step(x, y, 0, 10)
         zo_mode = {"bn": True, "ln": True, "conv": False, "head": False}
         fo_mode = {"bn": False, "ln": True, "conv": True, "head": True}
         assert seen == [zo_mode, zo_mode, fo_mode]
@@ -347,7 +348,7 @@ def test_accumulation_refreshes_batch_norm_statistics_only_when_asked(running_st
     reference = copy.deepcopy(model)
     x, y = batch("cpu", dtype=torch.float64)
     trainer = make_trainer(model, make_args("lora_bp_accum", bn_running_stats=running_stats))
-    trainer.accumulation_step(x, y)
+    trainer.step(x, y, 0, 1)
     if running_stats == "refreshed":
         with torch.no_grad(), module_modes(reference, "zo"):
             reference.feature_extraction(x)

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import main
-from Half_Trainer import HESSIAN_FLOOR, HalfTrainer, module_modes, zo_parameters
+from Half_Trainer import HalfTrainer
 from test_trainer import SmoothNet, batch, lora_model, make_args, make_trainer, reference_loss, reference_step
+from zo_estimators import HESSIAN_FLOOR, module_modes, zo_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,14 +81,14 @@ def test_hizoo_hessian_estimate_converges_to_the_true_diagonal(monkeypatch):
     trainer = HalfTrainer(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                           make_args("hizoo", hizoo_smoothing=2e-3, zo_eps=0.1), seed=3)
     theta = model.encoder_layers[0]
-    monkeypatch.setattr(trainer, "_loss", lambda inputs, labels, soft_targets=None, heads_backward=False:
+    monkeypatch.setattr(trainer.estimator, "loss", lambda inputs, labels, soft_targets=None, heads_backward=False:
                         0.5 * (CURVATURE * theta * theta).sum())
     steps, averaged = 6000, 4000
     estimate = torch.zeros(3, dtype=torch.float64)
     for step in range(steps):
         trainer.zo_gradient(None, None)
         if step >= steps - averaged:
-            estimate += trainer._hessian_flat / averaged
+            estimate += trainer.estimator.hessian / averaged
     torch.testing.assert_close(estimate, CURVATURE, rtol=0.25, atol=0)
     assert torch.equal(theta, torch.zeros(3, dtype=torch.float64))
 
@@ -96,7 +97,7 @@ def test_hizoo_probes_along_the_preconditioned_direction():
     """z = P^(-1/2) u: the projected gradient is the directional derivative of the loss along it."""
     model, x, y, trainer, true_grad = smooth_trainer("hizoo", hizoo_smoothing=0.0)
     curvature = torch.linspace(0.2, 5.0, true_grad.numel(), dtype=torch.float64)
-    trainer._hessian_flat.copy_(curvature)
+    trainer.estimator.hessian.copy_(curvature)
     for _ in range(5):
         trainer.zo_gradient(x, y)
         u = torch.empty_like(curvature).normal_(generator=torch.Generator().manual_seed(trainer.last_seed))
@@ -109,7 +110,7 @@ def test_hizoo_estimate_is_the_preconditioned_gradient_on_average():
     """E[(u·P^(-1/2)∇L) P^(-1/2) u] = P⁻¹ ∇L: closer to P⁻¹∇L than to the plain gradient."""
     model, x, y, trainer, true_grad = smooth_trainer("hizoo", seed=3, hizoo_smoothing=0.0)
     curvature = torch.linspace(0.2, 5.0, true_grad.numel(), dtype=torch.float64)
-    trainer._hessian_flat.copy_(curvature)
+    trainer.estimator.hessian.copy_(curvature)
     draws = 1500
     average = torch.zeros_like(true_grad)
     for _ in range(draws):
@@ -183,7 +184,7 @@ def test_sparse_mezo_mask_kept_between_recomputations():
     for step in range(4):
         expected = flat(expected_perturbed(trainer.zo_params, trainer.cfg.sparse_mezo_sparsity))
         trainer.step(x, y, step, 10)
-        masks.append(~trainer._frozen_flat.clone())
+        masks.append(~trainer.estimator.frozen.clone())
         if step % 3 == 0:
             assert torch.equal(masks[-1], expected)
     assert torch.equal(masks[1], masks[0]) and torch.equal(masks[2], masks[0])
