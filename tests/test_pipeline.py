@@ -71,10 +71,11 @@ def test_each_mode_runs_end_to_end(mode, method, tiny_demo, backbones, tmp_path,
 
 
 def test_runs_never_overwrite_and_reduced_leads_without_teacher(tiny_demo, backbones, tmp_path):
-    run_main(tiny_demo, backbones, tmp_path)
+    once = ["--interval", "100000"]     # one validation, at each stage's end: this test reads files, not curves
+    run_main(tiny_demo, backbones, tmp_path, *once)
     first = sorted(tmp_path.glob("*.npy"))
     before = first[0].read_bytes()
-    results = run_main(tiny_demo, backbones, tmp_path, "--leads_for_student", "1", "--no-distill")
+    results = run_main(tiny_demo, backbones, tmp_path, *once, "--leads_for_student", "1", "--no-distill")
     files = sorted(tmp_path.glob("*.npy"))
     assert len(files) == 2 and first[0].read_bytes() == before
     assert results[0]["leads"] == 1 and results[0]["teacher"]["leads"] == 12
@@ -118,7 +119,7 @@ def test_search_with_other_settings_does_not_resume_into_an_earlier_file(tiny_de
 
 def test_same_seed_same_numbers(tiny_demo, backbones, tmp_path):
     data = load_experiment_datasets(tiny_demo["challenge_h5"], 0.3, seed=5)
-    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=32,
+    cfg = main.run_config(config=CONFIG, r=4, bp_batch=4, batch_size=16, finetune_epoch=2, interval=96,
                                  seed=5, checkpoint_dir=backbones, result_dir=tmp_path, run_name="det")
     first, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
     second, _ = pipeline_ecg.finetune(data, "WFDB_Demo", cfg, torch.device("cpu"))
@@ -196,7 +197,7 @@ def test_reduced_leads_ignore_the_other_leads(tiny_demo):
 
 
 def test_no_pretrained_starts_from_scratch(tiny_demo, tmp_path):
-    results = run_main(tiny_demo, tmp_path / "empty", tmp_path, "--no-pretrained")
+    results = run_main(tiny_demo, tmp_path / "empty", tmp_path, "--no-pretrained", "--interval", "100000")
     assert len(results) == 1 and np.isfinite(results[0]["teacher"]["auc_roc_macro"])
 
 
