@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from Half_Trainer import METHODS, HalfTrainer
+from Half_Trainer import METHODS, REGISTRY, HalfTrainer
 from helper_code import NUM_LEADS, LiveStorageCounter
 from model_src_ecg import build_model, mark_trainable
 
@@ -113,8 +113,8 @@ def training_peak_mb(step_cfg, config, batch, num_class, r, weight_decay, sample
 # benchmark code of commit bb228d5 (docs/benchmarks.md, "Measured on a GPU"). Scratch memory taken
 # inside an op (cuBLAS and cuDNN workspaces) is the likely gap. Replace with new measurements.
 GPU_OVER_SIMULATED = {"ft": 1.014, "lora_bp": 1.015, "htuning": 1.244, "zo": 1.246, "zo_sign": 1.246}
-# methods that take bp_batch: H-Tuning's FO pass, and accumulation's micro-batch
-MICRO_BATCH_METHODS = ("htuning", "lora_bp_accum")
+# methods that take bp_batch (H-Tuning's FO pass, accumulation's micro-batch), as the registry says
+MICRO_BATCH_METHODS = tuple(name for name, method in REGISTRY.items() if "bp_batch" in method.reads)
 # the plan searches batches up to this; a step that still fits there fits at least this batch
 LARGEST_BATCH_SEARCHED = 4096
 
