@@ -34,7 +34,7 @@ from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
 from pipeline_ecg import RunConfig, finetune, pretrained_path, run_teacher_and_student
 from pipeline_pretrain import PretrainConfig
 from preflight import (PAPER_SCALE, check_checkpoints, check_gpu_memory, locate_datasets, memory_plan,
-                       prepare_demo, simulated_peaks, teacher_methods)
+                       prepare_demo, simulated_peaks, teacher_methods, trains_student)
 from runs import load_results, open_run, save_results, write_manifest
 
 log = logging.getLogger("adagrad_fusion.main")
@@ -396,7 +396,7 @@ def run_prefix(args, *parts):
     """The file-name stem shared by a run's files: the teacher's method and backbone, the student's
     backbone (each where the run trains it), then `parts`."""
     teacher = [args.zo_config, args.config] if args.stage != "student" else []
-    student = [args.student_config] if args.stage != "teacher" and args.zo_config not in RUN_MODES else []
+    student = [args.student_config] if trains_student(args) else []
     return "_".join(["demo"] * args.demo + teacher + student + list(parts))
 
 
