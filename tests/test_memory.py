@@ -10,6 +10,7 @@ import benchmark
 from helper_code import ALLOCATOR_BLOCK_BYTES, LiveStorageCounter
 
 SAMPLES = 1024   # 16 tokens: every code path of the backbone, at a fraction of the cost
+CONFIG = "tinylight"   # the smallest of the family: FakeTensor counts cost per op, and it has the fewest layers
 NUM_CLASS = 5
 BATCH, BP_BATCH = 6, 2
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,18 +48,22 @@ def test_counter_reads_a_fake_scalar_as_one_and_a_real_one_as_itself():
 @pytest.mark.parametrize("method", MEMORY_METHODS)
 def test_fake_count_equals_the_count_over_real_tensors(method):
     """The FakeTensor run allocates what the real run allocates, op by op: same peak, same start."""
-    figures = {fake: bench_training.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
-                                              samples=SAMPLES, fake=fake)
+    figures = {fake: bench_training.memory_figures(method, CONFIG, "tinylight", BATCH, BP_BATCH, NUM_CLASS,
+                                                   samples=SAMPLES, fake=fake)
                for fake in (False, True)}
     assert figures[True] == figures[False]
     assert figures[True]["peak_mb"] > figures[True]["at_start_mb"] > 0
 
 
-def test_memory_section_reports_every_method_and_its_ratios(tmp_path):
+def test_memory_section_reports_its_methods_and_their_ratios(tmp_path, monkeypatch):
+    """The section's loop and ratios, over three of its methods (every method's count is checked
+    above, through the same memory_figures)."""
+    monkeypatch.setattr(bench_training, "MEMORY_STEP_METHODS", ("ft", "htuning", "lora_bp_accum:no_recompute"))
     out = tmp_path / "memory.json"
-    results = benchmark.main(["memory", "--config", "tiny", "--batch", "4", "--bp-batch", "2",
-                              "--num-class", "3", "--json", str(out)])
-    assert set(results) == set(MEMORY_METHODS)
+    results = benchmark.main(["memory", "--config", "tiny", "--batch", "4", "--bp_batch", "2",
+                              "--num_class", "3", "--json", str(out)])
+    assert set(results) == {"ft", "htuning", "lora_bp_accum:no_recompute",
+                            *(m for m in MEMORY_METHODS if m.startswith("infer_"))}
     assert results["htuning"]["ft_over_this"] == results["ft"]["peak_mb"] / results["htuning"]["peak_mb"]
     assert results["ft"]["peak_mb"] > results["htuning"]["peak_mb"]
     assert results["infer_teacher_b1"]["peak_mb"] > results["infer_student_b1"]["peak_mb"]
@@ -103,14 +108,14 @@ def counted_plan(method, budget_mb, search=True):
     import main
     from simulated_memory import step_plan
 
-    return step_plan(lambda bp: main.step_config(zo_config=method, bp_batch=bp), method, "tiny", BATCH, BP_BATCH,
+    return step_plan(lambda bp: main.step_config(zo_config=method, bp_batch=bp), method, CONFIG, BATCH, BP_BATCH,
                      NUM_CLASS, bench_training.LORA_RANK, main.weight_decay, budget_mb, search, samples=SAMPLES)
 
 
 @pytest.mark.parametrize("method", ["htuning", "lora_bp_accum", "zo", "ft"])
 def test_the_plan_counts_what_the_memory_section_counts(method):
     plan = counted_plan(method, budget_mb=1e6, search=False)
-    assert plan["peak_mb"] == bench_training.memory_figures(method, "tiny", "tinylight", BATCH, BP_BATCH, NUM_CLASS,
+    assert plan["peak_mb"] == bench_training.memory_figures(method, CONFIG, "tinylight", BATCH, BP_BATCH, NUM_CLASS,
                                                        samples=SAMPLES)["peak_mb"]
     assert plan["need_mb"] == plan["peak_mb"] * plan["gpu_ratio"] > plan["peak_mb"] and plan["fits"]
     assert "largest_bp_batch" not in plan and "largest_batch" not in plan   # nothing searched where it fits
@@ -126,22 +131,26 @@ def test_a_count_on_the_built_model_equals_a_count_from_scratch(method):
     def config_at(bp):
         return main.step_config(zo_config=method, bp_batch=bp)
 
-    sizes = [(BATCH, BP_BATCH), (BATCH + 3, BP_BATCH), (BATCH, BP_BATCH + 1), (BATCH - 2, 1)]
-    with step_counter(config_at, "tiny", BATCH, BP_BATCH, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
+    sizes = [(BATCH + 3, BP_BATCH + 1), (BATCH - 2, 1)]   # both sizes other than the build's, larger then smaller
+    with step_counter(config_at, CONFIG, BATCH, BP_BATCH, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
                       SAMPLES) as peak_at:
         reused = [peak_at(batch, bp) for batch, bp in sizes]
-    fresh = [training_peak_mb(config_at(bp), "tiny", batch, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
+    fresh = [training_peak_mb(config_at(bp), CONFIG, batch, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
                               SAMPLES) for batch, bp in sizes]
     assert reused == fresh and len(set(fresh)) > 1
 
 
 def test_the_largest_fitting_bp_batch_is_the_largest_within_the_budget():
     import main
-    from simulated_memory import gpu_allowance, training_peak_mb
+    from simulated_memory import gpu_allowance, step_counter
+
+    def config_at(bp):
+        return main.step_config(zo_config="lora_bp_accum", bp_batch=bp)
 
     ratio, _ = gpu_allowance("lora_bp_accum")
-    peaks = {bp: training_peak_mb(main.step_config(zo_config="lora_bp_accum", bp_batch=bp), "tiny", BATCH, NUM_CLASS,
-                                  bench_training.LORA_RANK, main.weight_decay, SAMPLES) * ratio for bp in (1, 2, 3, 4)}
+    with step_counter(config_at, CONFIG, BATCH, BP_BATCH, NUM_CLASS, bench_training.LORA_RANK, main.weight_decay,
+                      SAMPLES) as peak_at:   # a fresh build's counts (the test above)
+        peaks = {bp: peak_at(BATCH, bp) * ratio for bp in (1, 2, 3, 4)}
     assert peaks[1] < peaks[2] < peaks[3] < peaks[4]
     budget = (peaks[3] + peaks[4]) / 2
     plan = counted_plan("lora_bp_accum", budget)
