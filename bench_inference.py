@@ -12,7 +12,6 @@ from bench_common import MODEL_NUM_CLASS, MODEL_SAMPLES, log, measure_in_fresh_p
 
 INFERENCE_REPEATS = 20
 ONNX_REPEATS = 200      # the ONNX Runtime row and its eager twin: best of this many
-ONNX_RUNTIME = "onnxruntime"
 
 
 def _inference_figures(config, device, batch, repeats, threads):
@@ -78,7 +77,7 @@ def _onnx_runtime_figures(config, batch, repeats):
 def _onnx_runtime_rows(student, batch, repeats):
     """The student under ONNX Runtime beside eager PyTorch, both on one CPU thread, each the best of
     `repeats`; {} (with the reason logged) where the ONNX packages are missing."""
-    from onnx_export import ONNX_PACKAGES, missing_onnx_packages
+    from onnx_export import ONNX_PACKAGES, ONNX_RUNTIME, missing_onnx_packages
 
     missing = missing_onnx_packages((*ONNX_PACKAGES, ONNX_RUNTIME))
     if missing:
@@ -180,7 +179,6 @@ def _deployed_rows(merged_files, repeats):
 
     import evaluation
     import onnx_export
-    import pipeline_ecg
     import predict
 
     models = []
@@ -217,7 +215,7 @@ def _deployed_rows(merged_files, repeats):
                 row = rows[f"{name} {runtime}"] = {
                     "peak_mb": memory[f"deployed:{runtime}:{p}"]["peak_mb"],
                     "test_auroc": evaluation.evaluate(labels, probs, thresholds=model.thresholds)["auc_roc_macro"],
-                    "test_challenge": pipeline_ecg.challenge_score(labels, probs >= model.thresholds,
+                    "test_challenge": evaluation.challenge_score_or_nan(labels, probs >= model.thresholds,
                                                                    model.class_codes)}
                 # median over classes of the distinct probabilities: int8 probabilities come in 256 steps
                 row["distinct_probabilities"] = float(np.median([len(np.unique(column)) for column in probs.T]))
@@ -261,6 +259,7 @@ def inference_section(args):
     ONNX and int8 ONNX (_deployed_rows), the best of DEPLOYED_REPEATS (--repeats to change).
     """
     from helper_code import get_device
+    from onnx_export import ONNX_RUNTIME
 
     device = get_device(args.device)
     batch, repeats = args.batch or 1, args.repeats or INFERENCE_REPEATS

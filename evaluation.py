@@ -13,7 +13,9 @@ output) keep their width and sort as int32 keys, about twice as fast as int64; a
 scored as float64.
 
 challenge_score gives the PhysioNet/CinC Challenge 2021 score of thresholded predictions, with its
-weight table's partial credit for clinically close mistakes, from one (N, classes) matrix product.
+weight table's partial credit for clinically close mistakes, from one (N, classes) matrix product;
+challenge_score_or_nan is the score a run reports: NaN, with the reason logged, where the classes
+are not Challenge codes.
 
 Conventions for degenerate cases:
 - AUROC and AP are undefined for a class with no positives (AP, AUROC) or no negatives (AUROC):
@@ -332,6 +334,16 @@ def challenge_score(labels, predictions, class_codes):
 
     observed, correct, baseline = credit(predictions), credit(labels), credit(inactive)
     return 0.0 if correct == baseline else (observed - baseline) / (correct - baseline)
+
+
+def challenge_score_or_nan(labels, predictions, class_codes):
+    """challenge_score of 0/1 (or probability) labels, or NaN (with the reason logged) where the
+    classes are not SNOMED codes of the Challenge table, as in a file converted without them."""
+    try:
+        return challenge_score(labels > 0.5, predictions, class_codes)
+    except ValueError as error:
+        log.warning("no Challenge 2021 score: %s", error)
+        return float("nan")
 
 
 def _merge_equivalent(values, first_column, column_class):

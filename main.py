@@ -2,7 +2,9 @@
 
     python main.py                                  # H-Tuning teacher + distilled student on the 4 datasets
     python main.py --r 8 --seed 3 --finetune_dataset WFDB_PTBXL
-    python main.py --zo_config ft | lora_bp | zo | zo_sign | hizoo | sparse_mezo | fzoo | probe | search | compare
+    python main.py --zo_config lora_bp_accum        # or any method: htuning (the default), ft, lora_bp,
+                                                    # lora_bp_accum, zo, zo_sign, hizoo, sparse_mezo, fzoo, probe;
+                                                    # search (a grid) or compare (several methods, seeds)
     python main.py --seed 18 19 20                  # each seed in turn, then mean ± std over the seeds
     python main.py --demo                           # synthetic data, small backbones, minutes on a CPU
     python main.py ... --resume                     # continue the latest unfinished run of these settings
@@ -33,7 +35,7 @@ from model_file import load_merged
 from model_src_ecg import KEPT_LEADS, MODEL_CONFIGS
 from pipeline_ecg import RunConfig, finetune, pretrained_path, run_teacher_and_student
 from pipeline_pretrain import PretrainConfig
-from preflight import (PAPER_SCALE, check_checkpoints, check_gpu_memory, locate_datasets, memory_plan,
+from preflight import (PAPER_SCALE, RUN_MODES, check_checkpoints, check_gpu_memory, locate_datasets, memory_plan,
                        prepare_demo, simulated_peaks, teacher_methods, trains_student)
 from runs import load_results, open_run, save_results, write_manifest
 
@@ -120,7 +122,6 @@ DEMO_SETTINGS = dict(config="tiny", finetune_dataset=[DEMO_DATASET], batch_size=
                      finetune_label_ratio=0.2, interval=256, patience=10, lr=0.004, student_lr=0.002,
                      pretrain_epochs=1, pretrain_batch_size=32, pretrain_lr=0.002, pretrain_patience=1)
 
-RUN_MODES = ("search", "compare")
 # each constant's comment above, shown by --help
 CONSTANT_COMMENTS = dict(re.findall(r"^(\w+) = [^#\n]*# (.*)$", Path(__file__).read_text(), re.MULTILINE))
 STAGES = ("both", "teacher", "student")

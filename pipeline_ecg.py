@@ -310,7 +310,7 @@ def score(net, valid_loader, test_loader, class_codes, leads, device):
     thresholds = evaluation.find_thresholds(*evaluation.predict(net, valid_loader, device, leads))
     labels, scores = evaluation.predict(net, test_loader, device, leads)
     result = evaluation.evaluate(labels, scores, thresholds=thresholds)
-    result["challenge_score"] = challenge_score(labels, scores >= thresholds, class_codes)
+    result["challenge_score"] = evaluation.challenge_score_or_nan(labels, scores >= thresholds, class_codes)
     return result, thresholds
 
 
@@ -323,16 +323,6 @@ def run_teacher_and_student(data, dataset, teacher_cfg, student_cfg, device, dis
                                  role="student")
     student_result["teacher"] = teacher_result
     return student_result
-
-
-def challenge_score(labels, predictions, class_codes):
-    """The Challenge 2021 score of thresholded predictions, or NaN (with the reason logged) where the
-    classes are not SNOMED codes of the Challenge table, as in a file converted without them."""
-    try:
-        return evaluation.challenge_score(labels > 0.5, predictions, class_codes)
-    except ValueError as error:
-        log.warning("no Challenge 2021 score: %s", error)
-        return float("nan")
 
 
 if __name__ == "__main__":

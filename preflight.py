@@ -20,6 +20,7 @@ from pipeline_ecg import check_pretrained, pretrained_path
 
 log = logging.getLogger("adagrad_fusion.preflight")
 
+RUN_MODES = ("search", "compare")   # --zo_config values that run several methods or settings, teachers only
 PAPER_SCALE = dict(config="medium", batch=128, num_class=23)   # the simulated GPU peak of `compare`; bp_batch is the run's
 
 
@@ -33,7 +34,7 @@ def teacher_methods(args):
 
 def trains_student(args):
     """Whether the run distils a student: a search or a comparison trains teachers only."""
-    return args.stage != "teacher" and args.zo_config not in ("search", "compare")
+    return args.stage != "teacher" and args.zo_config not in RUN_MODES
 
 
 # ---------------------------------------------------------------------------------------------

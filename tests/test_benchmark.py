@@ -7,12 +7,11 @@ import pytest
 
 import bench_common
 import bench_data
-import bench_inference
 import bench_training
 import benchmark
 import evaluation
 from model_src_ecg import build_model
-from predict import ONNX_PACKAGES, missing_onnx_packages
+from onnx_export import ONNX_PACKAGES, ONNX_RUNTIME, missing_onnx_packages
 
 SECTIONS_TESTED_HERE = ("model", "data", "metrics", "inference", "step")
 SECTIONS_TESTED_ELSEWHERE = ("memory",)   # tests/test_memory.py: test_memory_section_reports_every_method_...
@@ -90,7 +89,7 @@ def test_inference_section(tmp_path):
     assert student["latency_ratio"] == teacher["ms_per_record"] / student["ms_per_record"]
     assert student["best_vs_first_student"] == 1.0
     onnx_rows = ("student eager, 1 thread", "student ONNX Runtime, 1 thread")
-    if missing_onnx_packages((*ONNX_PACKAGES, bench_inference.ONNX_RUNTIME)):
+    if missing_onnx_packages((*ONNX_PACKAGES, ONNX_RUNTIME)):
         assert set(results) == {"teacher", "student"}
         return
     assert set(results) == {"teacher", "student", *onnx_rows}

@@ -1,6 +1,7 @@
 """Every entry script refuses a bad flag before any work (one argparse-style line, exit status 2),
 shows its flags with underscores and reads them with hyphens too; predict.py --threads."""
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,11 @@ def test_memory_sizes_read_in_mib_or_gib():
     for text in ("0", "0MiB", "-1GiB", "8XB", "8GB", "GiB", "8"):
         with pytest.raises(argparse.ArgumentTypeError):
             memory_size(text)
+
+
+def test_main_docstring_names_every_method_and_run_mode():
+    """main.py's opening lines are a newcomer's first list of what --zo_config takes."""
+    from Half_Trainer import METHODS
+
+    listed = set(re.findall(r"[a-z_]+", main.__doc__))
+    assert not set(METHODS) - listed and not set(main.RUN_MODES) - listed, set(METHODS) - listed
