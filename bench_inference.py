@@ -216,7 +216,7 @@ def _deployed_rows(merged_files, repeats):
                     "peak_mb": memory[f"deployed:{runtime}:{p}"]["peak_mb"],
                     "test_auroc": evaluation.evaluate(labels, probs, thresholds=model.thresholds)["auc_roc_macro"],
                     "test_challenge": evaluation.challenge_score_or_nan(labels, probs >= model.thresholds,
-                                                                   model.class_codes)}
+                                                                        model.class_codes)}
                 # median over classes of the distinct probabilities: int8 probabilities come in 256 steps
                 row["distinct_probabilities"] = float(np.median([len(np.unique(column)) for column in probs.T]))
                 if runtime != "eager":

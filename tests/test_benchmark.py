@@ -14,7 +14,7 @@ from model_src_ecg import build_model
 from onnx_export import ONNX_PACKAGES, ONNX_RUNTIME, missing_onnx_packages
 
 SECTIONS_TESTED_HERE = ("model", "data", "metrics", "inference", "step")
-SECTIONS_TESTED_ELSEWHERE = ("memory",)   # tests/test_memory.py: test_memory_section_reports_every_method_...
+SECTIONS_TESTED_ELSEWHERE = ("memory",)   # tests/test_memory.py: test_memory_section_reports_its_methods_...
 
 
 def run_section(tmp_path, *argv):
